@@ -1,0 +1,95 @@
+//! Front-proxy ("requestheader") authentication: a caller holding a client certificate from the
+//! requestheader CA, with an allowed common name, may assert the user in headers.
+//!
+//! Used by the proxy to accept a chained front proxy, and by the sample extension server to
+//! accept the proxy itself, the way extension API servers built on k8s.io/apiserver do.
+
+use http::HeaderMap;
+
+use super::identity::{unescape_extra_key, UserInfo};
+use super::x509::{subject, ChainVerifier};
+use super::{AuthError, Authenticator, Credentials};
+
+/// The `--requestheader-*` settings.
+#[derive(Clone)]
+pub struct RequestHeaderConfig {
+    pub verifier: ChainVerifier,
+    /// Common names allowed to assert identity; empty allows any certificate from the CA.
+    pub allowed_names: Vec<String>,
+    pub username_headers: Vec<String>,
+    pub uid_headers: Vec<String>,
+    pub group_headers: Vec<String>,
+    pub extra_headers_prefix: Vec<String>,
+}
+
+impl RequestHeaderConfig {
+    /// The header names extension servers use when nothing else is configured.
+    pub fn with_default_headers(verifier: ChainVerifier, allowed_names: Vec<String>) -> Self {
+        Self {
+            verifier,
+            allowed_names,
+            username_headers: vec!["X-Remote-User".into()],
+            uid_headers: vec!["X-Remote-Uid".into()],
+            group_headers: vec!["X-Remote-Group".into()],
+            extra_headers_prefix: vec!["X-Remote-Extra-".into()],
+        }
+    }
+}
+
+pub struct RequestHeaderAuthenticator {
+    config: RequestHeaderConfig,
+}
+
+impl RequestHeaderAuthenticator {
+    pub fn new(config: RequestHeaderConfig) -> Self {
+        Self { config }
+    }
+}
+
+fn first_non_empty(headers: &HeaderMap, names: &[String]) -> Option<String> {
+    names.iter().flat_map(|n| headers.get_all(n.as_str())).find_map(|v| {
+        let v = v.to_str().ok()?;
+        (!v.is_empty()).then(|| v.to_owned())
+    })
+}
+
+/// Reads the asserted identity; `None` when no username header is set.
+pub fn identity_from_headers(config: &RequestHeaderConfig, headers: &HeaderMap) -> Option<UserInfo> {
+    let name = first_non_empty(headers, &config.username_headers)?;
+    let uid = first_non_empty(headers, &config.uid_headers);
+    let groups = config
+        .group_headers
+        .iter()
+        .flat_map(|n| headers.get_all(n.as_str()))
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let mut user = UserInfo { name, uid, groups, ..UserInfo::default() };
+    for (header, value) in headers {
+        let header = header.as_str();
+        for prefix in &config.extra_headers_prefix {
+            if header.len() > prefix.len() && header[..prefix.len()].eq_ignore_ascii_case(prefix) {
+                if let Ok(value) = value.to_str() {
+                    let key = unescape_extra_key(&header[prefix.len()..]);
+                    user.extra.entry(key).or_default().push(value.to_owned());
+                }
+            }
+        }
+    }
+    Some(user)
+}
+
+impl Authenticator for RequestHeaderAuthenticator {
+    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError> {
+        let Some(leaf) = credentials.peer_certificates.first() else { return Ok(None) };
+        self.config.verifier.verify(credentials.peer_certificates).map_err(AuthError::FrontProxy)?;
+        if !self.config.allowed_names.is_empty() {
+            let cn = subject(leaf).map_err(AuthError::FrontProxy)?.common_name;
+            if !self.config.allowed_names.contains(&cn) {
+                return Err(AuthError::FrontProxy(format!("subject with cn={cn} is not in the allowed list")));
+            }
+        }
+        Ok(identity_from_headers(&self.config, credentials.headers))
+    }
+}

@@ -1,0 +1,467 @@
+//! Configuration: a YAML file and kube-apiserver-style flags, merged and validated once.
+//!
+//! Every flag can also be written in the file under the same name (`secure-port: 6443`); a
+//! flag given on the command line wins. Unknown keys are errors (a typo in a security proxy
+//! must not be silently ignored), and every problem is reported at once, named by its key.
+//! The result, [`Config`], holds plain types with files already loaded.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use http::uri::Authority;
+use http::Uri;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::requestheader::RequestHeaderConfig;
+use crate::auth::token::TokenFile;
+use crate::auth::x509::ChainVerifier;
+use crate::tls::CertifiedKey;
+
+pub const DEFAULT_SECURE_PORT: u16 = 8443;
+pub const DEFAULT_APISERVICES_DIR: &str = "config/apiservices";
+
+/// Where APIServices come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Manifests in `--apiservices-dir`, reloaded on change (standalone mode).
+    #[default]
+    Files,
+    /// APIServices, Services and EndpointSlices watched in a cluster (`--kubeconfig`).
+    Cluster,
+}
+
+/// The settings as written: every field optional, in flags and in the file alike.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Where APIServices come from.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceKind>,
+    /// Directory of APIService manifests (files source) [default: config/apiservices].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiservices_dir: Option<PathBuf>,
+    /// Standalone service map entry `namespace/name:port=host:port`; repeatable.
+    #[arg(long = "service", value_name = "NS/NAME:PORT=HOST:PORT")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(rename = "services", deserialize_with = "service_map")]
+    pub services: Vec<String>,
+    /// Kubeconfig of the cluster to watch (cluster source); in-cluster config when absent.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind_address: Option<IpAddr>,
+    /// Port to serve HTTPS on [default: 8443]; 0 picks a free port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_port: Option<u16>,
+    /// Serving certificate (PEM); a self-signed one for localhost when absent.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle for x509 client-certificate authentication.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Static bearer tokens, CSV `token,user,uid,"group1,group2"`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_auth_file: Option<PathBuf>,
+    /// Serve unauthenticated requests as system:anonymous [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous_auth: Option<bool>,
+    /// CA bundle of front proxies allowed to assert identity in request headers.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestheader_client_ca_file: Option<PathBuf>,
+    /// Common names a front proxy's certificate may have; empty allows any from the CA.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestheader_allowed_names: Option<Vec<String>>,
+    /// Headers to read the user from [default: X-Remote-User].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestheader_username_headers: Option<Vec<String>>,
+    /// Headers to read the uid from [default: X-Remote-Uid].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestheader_uid_headers: Option<Vec<String>>,
+    /// Headers to read groups from [default: X-Remote-Group].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestheader_group_headers: Option<Vec<String>>,
+    /// Header prefixes to read extra attributes from [default: X-Remote-Extra-].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestheader_extra_headers_prefix: Option<Vec<String>>,
+    /// Client certificate the proxy presents to backends and the delegate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_client_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_client_key_file: Option<PathBuf>,
+    /// The server for local APIServices and `/api` (a kube-apiserver), `https://host:port`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate_url: Option<String>,
+    /// CA bundle to verify the delegate's serving certificate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate_ca_file: Option<PathBuf>,
+    /// Route to a ready endpoint of the service instead of its cluster IP [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_aggregator_routing: Option<bool>,
+    /// Answer a backend's redirect with 502 instead of passing it on [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregator_reject_forwarding_redirect: Option<bool>,
+    /// How long to wait for a backend connection [default: 5s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_connect_timeout: Option<String>,
+    /// How long an idle backend connection is kept [default: 90s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_idle_timeout: Option<String>,
+}
+
+/// The file form of the service map is a mapping; flags use `key=value` strings.
+fn service_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let map = BTreeMap::<String, String>::deserialize(d)?;
+    Ok(map.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Front-proxy settings, loaded.
+#[derive(Clone)]
+pub struct RequestHeader {
+    pub config: RequestHeaderConfig,
+}
+
+/// The local delegate (kube-apiserver).
+#[derive(Debug, Clone)]
+pub struct Delegate {
+    pub authority: Authority,
+    pub ca_bundle: Vec<u8>,
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Files { dir: PathBuf, services: std::collections::HashMap<String, Authority> },
+    Cluster { kubeconfig: Option<PathBuf> },
+}
+
+/// The validated configuration.
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: generate a self-signed certificate at start.
+    pub serving: Option<CertifiedKey>,
+    pub client_ca: Option<ChainVerifier>,
+    pub token_file: Option<TokenFile>,
+    pub anonymous_auth: bool,
+    pub requestheader: Option<RequestHeaderConfig>,
+    pub proxy_client_cert: Option<CertifiedKey>,
+    pub delegate: Option<Delegate>,
+    pub source: Source,
+    pub enable_aggregator_routing: bool,
+    pub reject_forwarding_redirects: bool,
+    pub backend_connect_timeout: Duration,
+    pub backend_idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config").field("listen", &self.listen).field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Reads a settings file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))?;
+        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))
+    }
+
+    /// `self` overridden by every value set in `flags`.
+    pub fn merged_with(self, flags: &Settings) -> Result<Self, ConfigError> {
+        let to_map = |s: &Settings| match serde_json::to_value(s) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            other => Err(ConfigError(vec![format!("internal: settings did not serialize: {other:?}")])),
+        };
+        let mut base = to_map(&self)?;
+        let services = self.services.iter().chain(&flags.services).cloned().collect::<Vec<_>>();
+        base.extend(to_map(flags)?);
+        base.remove("services");
+        let mut merged: Settings = serde_json::from_value(serde_json::Value::Object(base))
+            .map_err(|e| ConfigError(vec![format!("internal: {e}")]))?;
+        merged.services = services;
+        Ok(merged)
+    }
+
+    /// Validates and loads everything, collecting every problem.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut check = |key: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                errors.push(format!("{key}: {e}"));
+            }
+        };
+
+        let serving = match (&self.tls_cert_file, &self.tls_private_key_file) {
+            (Some(c), Some(k)) => match loaded(CertifiedKey::load(c, k)) {
+                Ok(ck) => Some(ck),
+                Err(e) => {
+                    check("tls-cert-file", Err(e));
+                    None
+                }
+            },
+            (None, None) => None,
+            _ => {
+                check("tls-cert-file", Err("tls-cert-file and tls-private-key-file go together".into()));
+                None
+            }
+        };
+        let proxy_client_cert = match (&self.proxy_client_cert_file, &self.proxy_client_key_file) {
+            (Some(c), Some(k)) => match loaded(CertifiedKey::load(c, k)) {
+                Ok(ck) => Some(ck),
+                Err(e) => {
+                    check("proxy-client-cert-file", Err(e));
+                    None
+                }
+            },
+            (None, None) => None,
+            _ => {
+                check(
+                    "proxy-client-cert-file",
+                    Err("proxy-client-cert-file and proxy-client-key-file go together".into()),
+                );
+                None
+            }
+        };
+        let client_ca = self.client_ca_file.as_deref().and_then(|p| match loaded(ChainVerifier::from_pem_file(p)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                check("client-ca-file", Err(e));
+                None
+            }
+        });
+        let token_file = self.token_auth_file.as_deref().and_then(|p| match TokenFile::load(p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                check("token-auth-file", Err(e.to_string()));
+                None
+            }
+        });
+        let requestheader = match &self.requestheader_client_ca_file {
+            Some(p) => match loaded(ChainVerifier::from_pem_file(p)) {
+                Ok(verifier) => {
+                    let mut rh = RequestHeaderConfig::with_default_headers(
+                        verifier,
+                        self.requestheader_allowed_names.clone().unwrap_or_default(),
+                    );
+                    let overrides = [
+                        (&self.requestheader_username_headers, &mut rh.username_headers),
+                        (&self.requestheader_uid_headers, &mut rh.uid_headers),
+                        (&self.requestheader_group_headers, &mut rh.group_headers),
+                        (&self.requestheader_extra_headers_prefix, &mut rh.extra_headers_prefix),
+                    ];
+                    for (given, field) in overrides {
+                        if let Some(given) = given {
+                            *field = given.clone();
+                        }
+                    }
+                    Some(rh)
+                }
+                Err(e) => {
+                    check("requestheader-client-ca-file", Err(e));
+                    None
+                }
+            },
+            None => {
+                if self.requestheader_allowed_names.is_some() {
+                    check(
+                        "requestheader-allowed-names",
+                        Err("set without requestheader-client-ca-file, it would have no effect".into()),
+                    );
+                }
+                None
+            }
+        };
+        let delegate = match &self.delegate_url {
+            Some(url) => match parse_delegate(url, self.delegate_ca_file.as_deref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    check("delegate-url", Err(e));
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut services = std::collections::HashMap::new();
+        for entry in &self.services {
+            match parse_service_entry(entry) {
+                Ok((k, v)) => {
+                    services.insert(k, v);
+                }
+                Err(e) => check("services", Err(format!("{entry:?}: {e}"))),
+            }
+        }
+        let source = match self.source.unwrap_or_default() {
+            SourceKind::Files => Source::Files {
+                dir: self.apiservices_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_APISERVICES_DIR)),
+                services,
+            },
+            SourceKind::Cluster => {
+                if !self.services.is_empty() {
+                    check("services", Err("only used with source: files".into()));
+                }
+                Source::Cluster { kubeconfig: self.kubeconfig.clone() }
+            }
+        };
+        let mut duration = |key: &str, value: &Option<String>, default: Duration| match value {
+            None => default,
+            Some(v) => match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    check(key, Err("must be greater than zero".into()));
+                    default
+                }
+                Err(e) => {
+                    check(key, Err(format!("{v:?}: {e}")));
+                    default
+                }
+            },
+        };
+        let backend_connect_timeout =
+            duration("backend-connect-timeout", &self.backend_connect_timeout, Duration::from_secs(5));
+        let backend_idle_timeout =
+            duration("backend-idle-timeout", &self.backend_idle_timeout, Duration::from_secs(90));
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
+        Ok(Config {
+            listen: SocketAddr::new(
+                self.bind_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                self.secure_port.unwrap_or(DEFAULT_SECURE_PORT),
+            ),
+            serving,
+            client_ca,
+            token_file,
+            anonymous_auth: self.anonymous_auth.unwrap_or(false),
+            requestheader,
+            proxy_client_cert,
+            delegate,
+            source,
+            enable_aggregator_routing: self.enable_aggregator_routing.unwrap_or(false),
+            reject_forwarding_redirects: self.aggregator_reject_forwarding_redirect.unwrap_or(true),
+            backend_connect_timeout,
+            backend_idle_timeout,
+        })
+    }
+}
+
+fn loaded<T>(result: Result<T, crate::tls::TlsError>) -> Result<T, String> {
+    result.map_err(|e| e.to_string())
+}
+
+fn parse_service_entry(entry: &str) -> Result<(String, Authority), String> {
+    let (key, target) = entry.split_once('=').ok_or("expected namespace/name:port=host:port")?;
+    let (ns_name, port) = key.rsplit_once(':').ok_or("key must be namespace/name:port")?;
+    let (ns, name) = ns_name.split_once('/').ok_or("key must be namespace/name:port")?;
+    if ns.is_empty() || name.is_empty() {
+        return Err("namespace and name must not be empty".into());
+    }
+    let port: u16 = port.parse().map_err(|_| format!("port {port:?} is not a number from 1 to 65535"))?;
+    let authority: Authority = target.parse().map_err(|e| format!("target {target:?}: {e}"))?;
+    if authority.port_u16().is_none() {
+        return Err(format!("target {target:?} must be host:port"));
+    }
+    Ok((format!("{ns}/{name}:{port}"), authority))
+}
+
+fn parse_delegate(url: &str, ca_file: Option<&Path>) -> Result<Delegate, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{url:?}: must be an https:// URL"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?}: no host"))?;
+    let authority: Authority = match authority.port_u16() {
+        Some(_) => authority,
+        None => format!("{}:443", authority.host()).parse().map_err(|e| format!("{url:?}: {e}"))?,
+    };
+    let ca_bundle = match ca_file {
+        Some(p) => std::fs::read(p).map_err(|e| format!("delegate-ca-file {}: {e}", p.display()))?,
+        None => Vec::new(),
+    };
+    Ok(Delegate { server_name: authority.host().trim_matches(['[', ']']).to_owned(), authority, ca_bundle })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_in_the_file_are_rejected() {
+        let err = serde_yaml_ng::from_str::<Settings>("secure-prot: 1\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `secure-prot`"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_service_maps_add_up() {
+        let file: Settings =
+            serde_yaml_ng::from_str("secure-port: 1000\nanonymous-auth: true\nservices:\n  ns/a:443: 127.0.0.1:9000\n")
+                .unwrap();
+        let flags = Settings {
+            secure_port: Some(2000),
+            services: vec!["ns/b:443=127.0.0.1:9001".into()],
+            ..Settings::default()
+        };
+        let config = file.merged_with(&flags).unwrap().validate().unwrap();
+        assert_eq!(config.listen.port(), 2000);
+        assert!(config.anonymous_auth);
+        let Source::Files { services, .. } = config.source else { panic!() };
+        assert_eq!(services.len(), 2);
+        assert_eq!(services["ns/a:443"].as_str(), "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_by_key() {
+        let settings = Settings {
+            tls_cert_file: Some("/nonexistent/cert.pem".into()),
+            client_ca_file: Some("/nonexistent/ca.pem".into()),
+            services: vec!["bad".into()],
+            delegate_url: Some("http://x".into()),
+            backend_connect_timeout: Some("soon".into()),
+            ..Settings::default()
+        };
+        let ConfigError(errors) = settings.validate().unwrap_err();
+        let keys: Vec<_> = errors.iter().map(|e| e.split(':').next().unwrap()).collect();
+        assert_eq!(keys, ["tls-cert-file", "client-ca-file", "delegate-url", "services", "backend-connect-timeout"]);
+    }
+
+    #[test]
+    fn the_example_config_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/proxy.yaml");
+        let settings = Settings::from_file(&path).unwrap();
+        assert_eq!(settings.source, Some(SourceKind::Files));
+    }
+}

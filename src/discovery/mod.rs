@@ -1,0 +1,109 @@
+//! Legacy discovery built from the routing table: `/apis` (APIGroupList) and `/apis/<group>`
+//! (APIGroup), in kube-aggregator's order, with `preferredVersion` = the group's first version.
+//!
+//! Like kube-aggregator, every APIService is listed whatever its availability; the core group
+//! (`v1.`) is served under `/api`, not here.
+
+use serde::Serialize;
+
+use crate::routing::{GroupRoutes, RoutingTable};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupVersionForDiscovery {
+    pub group_version: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiGroup {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<&'static str>,
+    pub name: String,
+    pub versions: Vec<GroupVersionForDiscovery>,
+    pub preferred_version: GroupVersionForDiscovery,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiGroupList {
+    pub kind: &'static str,
+    pub api_version: &'static str,
+    pub groups: Vec<ApiGroup>,
+}
+
+fn api_group(group: &GroupRoutes) -> Option<ApiGroup> {
+    let versions: Vec<_> = group
+        .versions
+        .iter()
+        .map(|r| GroupVersionForDiscovery {
+            group_version: format!("{}/{}", group.name, r.apiservice.version),
+            version: r.apiservice.version.to_string(),
+        })
+        .collect();
+    let preferred_version = versions.first()?.clone();
+    Some(ApiGroup { kind: None, api_version: None, name: group.name.to_string(), versions, preferred_version })
+}
+
+/// `/apis`: every non-core group in the table's order.
+pub fn api_group_list(table: &RoutingTable) -> ApiGroupList {
+    let groups = table.groups().iter().filter(|g| !g.name.is_empty()).filter_map(api_group).collect();
+    ApiGroupList { kind: "APIGroupList", api_version: "v1", groups }
+}
+
+/// `/apis/<group>`, or `None` when no APIService serves the group.
+pub fn api_group_document(table: &RoutingTable, name: &str) -> Option<ApiGroup> {
+    if name.is_empty() {
+        return None;
+    }
+    let mut group = api_group(table.group(name)?)?;
+    group.kind = Some("APIGroup");
+    group.api_version = Some("v1");
+    Some(group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apiservice::ApiService;
+    use crate::proxy::client::ClientCache;
+    use crate::routing::StaticResolver;
+
+    fn local(name: &str, gpm: i32, vp: i32) -> ApiService {
+        let (version, group) = name.split_once('.').unwrap();
+        ApiService {
+            name: name.into(),
+            group: group.into(),
+            version: version.into(),
+            group_priority_minimum: gpm,
+            version_priority: vp,
+            service: None,
+        }
+    }
+
+    #[test]
+    fn group_list_skips_core_and_prefers_first_version() {
+        let table = RoutingTable::build(
+            vec![local("v1.", 18000, 1), local("v1.b.io", 10, 5), local("v2.b.io", 10, 15), local("v1.a.io", 20, 1)],
+            &StaticResolver::default(),
+            &ClientCache::default(),
+        );
+        let json = serde_json::to_value(api_group_list(&table)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": "a.io", "versions": [{"groupVersion": "a.io/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": "a.io/v1", "version": "v1"}},
+                {"name": "b.io", "versions": [{"groupVersion": "b.io/v2", "version": "v2"},
+                                              {"groupVersion": "b.io/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": "b.io/v2", "version": "v2"}}]})
+        );
+        let group = serde_json::to_value(api_group_document(&table, "b.io").unwrap()).unwrap();
+        assert_eq!(group["kind"], "APIGroup");
+        assert!(api_group_document(&table, "").is_none());
+        assert!(api_group_document(&table, "c.io").is_none());
+    }
+}

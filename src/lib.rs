@@ -1,0 +1,34 @@
+//! kube-aggregation-proxy: the Kubernetes API aggregation layer as a standalone proxy.
+//!
+//! ```text
+//!  sources ──snapshots──▶ routing::writer ──ArcSwap──▶ RoutingTable
+//!  (files | cluster)       (single writer)                  │ load_full() per request
+//!                                                           ▼
+//!  client ─TLS─▶ server ─▶ authenticate ─▶ strip identity ─▶ route ─▶ proxy::forward ─▶ backend
+//!                (rustls,   (x509, tokens,   (X-Remote-*,              (pooled TLS,      or delegate
+//!                 h1 + h2)   front proxy)     Impersonate-*)            X-Remote-* set)
+//! ```
+//!
+//! Module map, named as kube-aggregator names things: [`apiservice`] (model, validation,
+//! ordering), [`source`] (where APIServices come from), [`routing`] (the table and its writer,
+//! service resolution), [`server`] (TLS front end and the request pipeline), [`auth`]
+//! (authenticators and identity headers), [`proxy`] (backend clients and forwarding),
+//! [`discovery`] (`/apis`), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`config`],
+//! [`app`] (wiring), [`demo`], and [`sample`] (the sample extension API server).
+#![forbid(unsafe_code)]
+
+pub mod apiservice;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod metrics;
+pub mod pki;
+pub mod proxy;
+pub mod routing;
+pub mod sample;
+pub mod server;
+pub mod source;
+pub mod status;
+pub mod tls;

@@ -1,0 +1,121 @@
+//! `kube-aggregation-proxy`: parse flags, build the app, run. Bad configuration exits 64.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kube_aggregation_proxy::config::Settings;
+use kube_aggregation_proxy::{app, demo};
+
+/// EX_USAGE: the configuration is wrong, retrying will not help.
+const EXIT_CONFIG: u8 = 64;
+
+/// The Kubernetes API aggregation layer as a standalone proxy.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy from a config file and/or flags.
+    Serve {
+        /// YAML config file; every key is also a flag, and flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Start the sample extension server and the proxy on loopback with a throwaway PKI, and
+    /// write DIR/kubeconfig for kubectl.
+    Demo {
+        /// Where to write the PKI, manifests, config and kubeconfig (default: a new temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The proxy's port (default: a free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing();
+    match Cli::parse().command {
+        Command::Serve { config, settings } => {
+            let settings = match config.as_deref().map(Settings::from_file).transpose() {
+                Ok(file) => file.unwrap_or_default().merged_with(&settings),
+                Err(e) => Err(e),
+            };
+            let config = match settings.and_then(Settings::validate) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let running = match app::start(config).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+            ExitCode::SUCCESS
+        }
+        Command::Demo { dir, port } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => match tempfile::Builder::new().prefix("kube-aggregation-proxy-demo-").tempdir() {
+                    Ok(t) => t.keep(),
+                    Err(e) => {
+                        eprintln!("creating a temp dir: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let demo = match demo::Demo::start(&dir, port).await {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("demo: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("{}", demo.instructions());
+            shutdown_signal().await;
+            demo.shutdown().await;
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Prometheus metrics: one registry, created by the app and passed explicitly.
+//!
+//! Names follow kube-aggregator where it has the concept (`aggregator_unavailable_apiservice`);
+//! per-APIService request metrics, which upstream lacks, are ours.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub apiservice: String,
+    pub method: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiServiceLabels {
+    pub apiservice: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<ApiServiceLabels, Histogram>,
+    table_rebuilds: Counter,
+    table_apiservices: Gauge,
+    table_build_duration: Histogram,
+    invalid_apiservices: Gauge,
+    unavailable: Family<NameLabels, Gauge>,
+    authentication: Family<ResultLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "aggregator_proxy_requests",
+            "Requests handled, by APIService (empty for the proxy's own endpoints), method and status code",
+            requests.clone(),
+        );
+        let request_duration = Family::<ApiServiceLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "aggregator_proxy_request_duration_seconds",
+            "Time from the request's arrival to the response headers, by APIService",
+            request_duration.clone(),
+        );
+        let table_rebuilds = Counter::default();
+        registry.register(
+            "aggregator_routing_table_rebuilds",
+            "Routing tables built and swapped in",
+            table_rebuilds.clone(),
+        );
+        let table_apiservices = Gauge::default();
+        registry.register(
+            "aggregator_routing_table_apiservices",
+            "APIServices in the serving routing table",
+            table_apiservices.clone(),
+        );
+        let table_build_duration = Histogram::new(exponential_buckets(0.00001, 4.0, 12));
+        registry.register(
+            "aggregator_routing_table_build_duration_seconds",
+            "Time to build a routing table",
+            table_build_duration.clone(),
+        );
+        let invalid_apiservices = Gauge::default();
+        registry.register(
+            "aggregator_invalid_apiservices",
+            "APIService objects currently rejected by validation or parsing",
+            invalid_apiservices.clone(),
+        );
+        let unavailable = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "aggregator_unavailable_apiservice",
+            "Gauge of APIServices which are marked as unavailable broken down by APIService name.",
+            unavailable.clone(),
+        );
+        let authentication = Family::<ResultLabels, Counter>::default();
+        registry.register("authentication_attempts", "Authentication attempts by result", authentication.clone());
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            request_duration,
+            table_rebuilds,
+            table_apiservices,
+            table_build_duration,
+            invalid_apiservices,
+            unavailable,
+            authentication,
+        }
+    }
+
+    pub fn request(&self, apiservice: &str, method: &http::Method, code: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                apiservice: apiservice.to_owned(),
+                method: method.as_str().to_owned(),
+                code,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&ApiServiceLabels { apiservice: apiservice.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn table_rebuilt(&self, apiservices: usize, elapsed: Duration) {
+        self.table_rebuilds.inc();
+        self.table_apiservices.set(i64::try_from(apiservices).unwrap_or(i64::MAX));
+        self.table_build_duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_invalid_apiservices(&self, count: usize) {
+        self.invalid_apiservices.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_unavailable(&self, name: &str, unavailable: bool) {
+        self.unavailable.get_or_create(&NameLabels { name: name.to_owned() }).set(i64::from(unavailable));
+    }
+
+    pub fn forget_apiservice(&self, name: &str) {
+        self.unavailable.remove(&NameLabels { name: name.to_owned() });
+    }
+
+    pub fn authentication(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.authentication.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

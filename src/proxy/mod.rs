@@ -1,0 +1,199 @@
+//! Forwarding a routed request to its backend and the backend's answer to the client.
+//!
+//! Bodies stream both ways: the client's body goes to the backend as it arrives, and the
+//! backend's body reaches the client frame by frame (a watch event is forwarded when the
+//! backend writes it). A backend that fails mid-body makes the client's stream fail too, as
+//! kube-aggregator does, rather than end it as if complete.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version};
+
+use crate::auth::identity;
+use crate::auth::UserInfo;
+use crate::status::RequestError;
+use client::{describe_error, BackendClient};
+
+pub const HEADER_AUDIT_ID: &str = "audit-id";
+pub const HEADER_X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub const HEADER_X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const HEADER_X_FORWARDED_HOST: &str = "x-forwarded-host";
+pub const HEADER_X_FORWARDED_URI: &str = "x-forwarded-uri";
+
+/// kube-aggregator bounds discovery requests (`/apis/<group>/<version>`) to five seconds.
+pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Hop-by-hop headers, never forwarded in either direction (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// CORS headers from backends are dropped; the front end decides CORS, as kube-apiserver does.
+const CORS_RESPONSE_HEADERS: [&str; 4] = [
+    "access-control-allow-credentials",
+    "access-control-allow-headers",
+    "access-control-allow-methods",
+    "access-control-allow-origin",
+];
+
+/// Forwarding policy.
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    /// `--aggregator-reject-forwarding-redirect`: a 3xx with `Location` becomes a 502.
+    pub reject_forwarding_redirects: bool,
+    pub discovery_timeout: Duration,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        Self { reject_forwarding_redirects: true, discovery_timeout: DEFAULT_DISCOVERY_TIMEOUT }
+    }
+}
+
+/// Who asked, for the headers the backend gets.
+#[derive(Debug, Clone)]
+pub struct Caller<'a> {
+    pub user: &'a UserInfo,
+    pub remote_addr: SocketAddr,
+    pub audit_id: &'a str,
+}
+
+/// One forwarding target: a backend client and the address picked for this request.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// The APIService name, for errors and logs (`delegate` for the local delegate).
+    pub apiservice: &'a str,
+    pub client: &'a BackendClient,
+    pub authority: &'a Authority,
+    /// Whether this is a `/apis/<group>/<version>` discovery request (time-bounded).
+    pub discovery: bool,
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Builds the backend request: same method, path and query; hop-by-hop headers and `Host`
+/// dropped; identity, `X-Forwarded-*` and `Audit-ID` set. Identity headers the client sent were
+/// stripped before routing.
+fn backend_request(
+    target: &Target<'_>,
+    caller: &Caller<'_>,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Request<Body>, RequestError> {
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = parts.uri.path_and_query().cloned();
+    let path = parts.uri.path().to_owned();
+    let mut uri = Uri::builder().scheme(Scheme::HTTPS).authority(target.authority.clone());
+    if let Some(pq) = path_and_query {
+        uri = uri.path_and_query(pq);
+    }
+    parts.uri = uri.build().map_err(|e| RequestError::NotFound(format!("invalid request path: {e}")))?;
+    parts.version = Version::HTTP_11;
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    identity::inject(caller.user, headers);
+    let client_ip = caller.remote_addr.ip().to_string();
+    let forwarded_for = match headers.get(HEADER_X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(HEADER_X_FORWARDED_FOR, v);
+    }
+    headers.insert(HEADER_X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    if let Ok(v) = HeaderValue::from_str(target.authority.as_str()) {
+        headers.insert(HEADER_X_FORWARDED_HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&path) {
+        headers.insert(HEADER_X_FORWARDED_URI, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(caller.audit_id) {
+        headers.insert(HEADER_AUDIT_ID, v);
+    }
+    Ok(Request::from_parts(parts, Body::new(body)))
+}
+
+/// Forwards `request` to `target` and returns the backend's response, streaming.
+pub async fn forward(
+    settings: &ForwardSettings,
+    target: Target<'_>,
+    caller: Caller<'_>,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, RequestError> {
+    let outgoing = backend_request(&target, &caller, request)?;
+    let unavailable =
+        |cause: String| RequestError::ServiceUnavailable { apiservice: target.apiservice.to_owned(), cause };
+    let sent = target.client.send(outgoing);
+    let response = if target.discovery {
+        match tokio::time::timeout(settings.discovery_timeout, sent).await {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "discovery request timed out after {}s",
+                    settings.discovery_timeout.as_secs_f32()
+                )))
+            }
+        }
+    } else {
+        sent.await
+    };
+    let response = response.map_err(|e| unavailable(describe_error(&e, target.client.server_name())))?;
+    if settings.reject_forwarding_redirects
+        && response.status().is_redirection()
+        && response.headers().get(header::LOCATION).is_some_and(|l| !l.is_empty())
+    {
+        return Err(RequestError::RedirectRejected { apiservice: target.apiservice.to_owned() });
+    }
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    for name in CORS_RESPONSE_HEADERS {
+        parts.headers.remove(name);
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("accept", "application/json".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+}

@@ -1,0 +1,65 @@
+//! The single writer of the routing table.
+//!
+//! Sources publish complete snapshots on a `watch` channel, which keeps only the newest: a
+//! burst of changes coalesces into one rebuild. The writer builds the new table off the request
+//! path, swaps it in only when its inputs differ, and marks the proxy ready after the first.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::{RoutingTable, ServiceResolver};
+use crate::apiservice::ApiService;
+use crate::metrics::Metrics;
+use crate::proxy::client::ClientCache;
+
+/// Everything a table is built from, as one source saw it at one moment.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub apiservices: Vec<ApiService>,
+    pub resolver: Arc<dyn ServiceResolver>,
+}
+
+/// The published table, shared by every request.
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
+
+/// Runs until the snapshot channel closes.
+pub async fn run(
+    mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    table: SharedTable,
+    clients: Arc<ClientCache>,
+    ready: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        if let Some(snapshot) = snapshot {
+            apply(&snapshot, &table, &clients, &metrics);
+            ready.send_replace(true);
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Builds and swaps in a table for `snapshot`, unless the serving table already matches it.
+/// Returns whether a new table was published.
+pub fn apply(snapshot: &Snapshot, table: &SharedTable, clients: &ClientCache, metrics: &Metrics) -> bool {
+    let current = table.load();
+    if current.generation > 0 && current.is_built_from(&snapshot.apiservices, snapshot.resolver.as_ref()) {
+        return false;
+    }
+    let started = std::time::Instant::now();
+    let mut next = RoutingTable::build(snapshot.apiservices.clone(), snapshot.resolver.as_ref(), clients);
+    next.generation = current.generation + 1;
+    let in_use = next.backend_tls_in_use();
+    let count = next.apiservices().len();
+    let generation = next.generation;
+    table.store(Arc::new(next));
+    clients.retain(&in_use);
+    metrics.table_rebuilt(count, started.elapsed());
+    tracing::info!(generation, apiservices = count, elapsed = ?started.elapsed(), "routing table updated");
+    true
+}

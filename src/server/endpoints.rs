@@ -1,0 +1,150 @@
+//! The proxy's own endpoints: health probes, metrics, discovery of the routing table and a
+//! debug view of every APIService and why it is or is not served.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::discovery;
+use crate::metrics::Metrics;
+use crate::routing::writer::SharedTable;
+use crate::routing::Upstream;
+use crate::status::RequestError;
+
+/// An object a source could not use, and why.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Rejection {
+    /// Where it came from: a file path or `cluster`.
+    pub source: String,
+    pub name: Option<String>,
+    pub reason: String,
+}
+
+/// Rejections as the sources last reported them.
+pub type SharedRejections = Arc<ArcSwap<Vec<Rejection>>>;
+
+#[derive(Clone)]
+pub struct EndpointState {
+    pub table: SharedTable,
+    pub metrics: Arc<Metrics>,
+    pub ready: watch::Receiver<bool>,
+    pub rejections: SharedRejections,
+}
+
+/// Paths answered before authentication (probes).
+pub fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/livez" | "/readyz")
+}
+
+pub fn router(state: EndpointState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/apis", get(apis))
+        .route("/apis/", get(apis))
+        .route("/apis/{group}", get(group))
+        .route("/apis/{group}/", get(group))
+        .route("/debug/apiservices", get(debug_apiservices))
+        .route("/version", get(version))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<EndpointState>) -> Response {
+    if *state.ready.borrow() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "routing table not built yet").into_response()
+    }
+}
+
+async fn metrics(State(state): State<EndpointState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode()).into_response()
+}
+
+async fn apis(State(state): State<EndpointState>) -> Response {
+    Json(discovery::api_group_list(&state.table.load())).into_response()
+}
+
+async fn group(State(state): State<EndpointState>, Path(group): Path<String>) -> Response {
+    match discovery::api_group_document(&state.table.load(), &group) {
+        Some(doc) => Json(doc).into_response(),
+        None => RequestError::NotFound(format!(
+            "the server could not find the requested resource: no APIService serves group {group:?}"
+        ))
+        .into_response(),
+    }
+}
+
+async fn version() -> Response {
+    Json(serde_json::json!({
+        "major": "",
+        "minor": "",
+        "gitVersion": concat!("v", env!("CARGO_PKG_VERSION"), "-kube-aggregation-proxy"),
+        "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+    }))
+    .into_response()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiServiceView {
+    name: String,
+    group: String,
+    version: String,
+    group_priority_minimum: i32,
+    version_priority: i32,
+    service: Option<String>,
+    served: bool,
+    reason: String,
+}
+
+/// Every APIService the table holds and every object a source rejected, with the reason:
+/// the first place to look when an aggregated API does not answer.
+async fn debug_apiservices(State(state): State<EndpointState>) -> Response {
+    let table = state.table.load();
+    let mut views = Vec::new();
+    for group in table.groups() {
+        for route in &group.versions {
+            let a = &route.apiservice;
+            let (served, reason) = match &route.upstream {
+                Upstream::Local => (true, "Local".to_owned()),
+                Upstream::Remote(remote) => match (&remote.client, &remote.endpoints) {
+                    (Err(e), _) => (false, e.to_string()),
+                    (_, Err(e)) => (false, e.to_string()),
+                    (Ok(_), Ok(endpoints)) => (true, format!("{} endpoint(s)", endpoints.targets().len())),
+                },
+            };
+            views.push(ApiServiceView {
+                name: a.name.to_string(),
+                group: a.group.to_string(),
+                version: a.version.to_string(),
+                group_priority_minimum: a.group_priority_minimum,
+                version_priority: a.version_priority,
+                service: a.service.as_ref().map(|s| s.key()),
+                served,
+                reason,
+            });
+        }
+    }
+    Json(serde_json::json!({
+        "generation": table.generation,
+        "apiservices": views,
+        "rejected": **state.rejections.load(),
+    }))
+    .into_response()
+}
+
+impl IntoResponse for RequestError {
+    fn into_response(self) -> Response {
+        RequestError::into_response(self)
+    }
+}

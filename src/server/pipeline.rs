@@ -1,0 +1,223 @@
+//! The request path, top to bottom.
+//!
+//! 1. Probes answer first, unauthenticated, so load balancers need no credentials.
+//! 2. Authenticate: the identity the backend will see is decided here and nowhere else.
+//! 3. Strip every identity header the client sent (X-Remote-*, Impersonate-*, Authorization),
+//!    before anything can read or forward them.
+//! 4. Resolve the route with one `load_full()` of the table: no lock, no guard held across an
+//!    await, and one consistent table for the whole request.
+//! 5. Forward to the backend or the delegate with the authenticated identity injected, or
+//!    answer from the proxy's own endpoints.
+//! 6. Log and count, with the Audit-ID the backend also saw.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+
+use super::endpoints;
+use super::ConnectionInfo;
+use crate::auth::identity::IdentityHeaderNames;
+use crate::auth::{AuthChain, Credentials, UserInfo};
+use crate::metrics::Metrics;
+use crate::proxy::client::BackendClient;
+use crate::proxy::{self, Caller, ForwardSettings, Target, HEADER_AUDIT_ID};
+use crate::routing::path::{classify, ApiPath};
+use crate::routing::writer::SharedTable;
+use crate::routing::{RoutingTable, Upstream};
+use crate::status::RequestError;
+
+/// The local delegate: kube-apiserver in cluster mode.
+#[derive(Debug, Clone)]
+pub struct DelegateTarget {
+    pub client: BackendClient,
+    pub authority: Authority,
+}
+
+/// Everything the request path needs, shared by all connections.
+pub struct Gateway {
+    pub table: SharedTable,
+    pub auth: AuthChain,
+    pub identity_headers: IdentityHeaderNames,
+    pub forward: ForwardSettings,
+    pub delegate: Option<DelegateTarget>,
+    pub metrics: Arc<Metrics>,
+    pub ready: tokio::sync::watch::Receiver<bool>,
+    pub endpoints: axum::Router,
+}
+
+/// Where the pipeline decided to send a request.
+enum Decision {
+    Own,
+    Remote { apiservice: String, discovery: bool },
+    Delegate { apiservice: String },
+}
+
+const DELEGATE_LABEL: &str = "delegate";
+
+impl Gateway {
+    pub async fn handle(&self, conn: &ConnectionInfo, mut request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let audit_id = request
+            .headers()
+            .get(HEADER_AUDIT_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+
+        let (label, mut response) = if endpoints::is_probe(request.uri().path()) {
+            (String::new(), self.own(request).await)
+        } else {
+            match self.authenticated(conn, &mut request).await {
+                Err(e) => (String::new(), e.into_response()),
+                Ok(user) => self.route_and_forward(conn, &user, &audit_id, request).await,
+            }
+        };
+
+        if let Ok(v) = HeaderValue::from_str(&audit_id) {
+            response.headers_mut().insert(HEADER_AUDIT_ID, v);
+        }
+        let code = response.status().as_u16();
+        self.metrics.request(&label, &method, code, started.elapsed());
+        tracing::debug!(%method, apiservice = %label, code, audit_id, elapsed = ?started.elapsed(), "request");
+        response
+    }
+
+    async fn authenticated(
+        &self,
+        conn: &ConnectionInfo,
+        request: &mut Request<Incoming>,
+    ) -> Result<UserInfo, RequestError> {
+        let credentials = Credentials { peer_certificates: &conn.peer_certificates, headers: request.headers() };
+        let result = self.auth.authenticate(credentials).await;
+        self.metrics.authentication(result.is_ok());
+        let user = result.inspect_err(|e| {
+            tracing::info!(remote = %conn.remote_addr, path = request.uri().path(), reason = %e, "unauthorized");
+        })?;
+        self.identity_headers.strip(request.headers_mut());
+        Ok(user)
+    }
+
+    async fn route_and_forward(
+        &self,
+        conn: &ConnectionInfo,
+        user: &UserInfo,
+        audit_id: &str,
+        request: Request<Incoming>,
+    ) -> (String, Response<Body>) {
+        if !*self.ready.borrow() {
+            return (String::new(), RequestError::NotReady.into_response());
+        }
+        let table = self.table.load_full();
+        let decision = match decide(&table, request.uri().path(), self.delegate.is_some()) {
+            Ok(d) => d,
+            Err(e) => return (String::new(), e.into_response()),
+        };
+        let caller = Caller { user, remote_addr: conn.remote_addr, audit_id };
+        match decision {
+            Decision::Own => (String::new(), self.own(request).await),
+            Decision::Delegate { apiservice } => {
+                let label = if apiservice.is_empty() { DELEGATE_LABEL.to_owned() } else { apiservice.clone() };
+                let response = match &self.delegate {
+                    Some(d) => {
+                        let target = Target {
+                            apiservice: DELEGATE_LABEL,
+                            client: &d.client,
+                            authority: &d.authority,
+                            discovery: false,
+                        };
+                        proxy::forward(&self.forward, target, caller, request).await
+                    }
+                    None => Err(RequestError::NoDelegate { apiservice }),
+                };
+                (label, response.unwrap_or_else(RequestError::into_response))
+            }
+            Decision::Remote { apiservice, discovery } => {
+                let response = self.forward_remote(&table, &apiservice, discovery, caller, request).await;
+                (apiservice, response.unwrap_or_else(RequestError::into_response))
+            }
+        }
+    }
+
+    async fn forward_remote(
+        &self,
+        table: &RoutingTable,
+        apiservice: &str,
+        discovery: bool,
+        caller: Caller<'_>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, RequestError> {
+        let route = table
+            .groups()
+            .iter()
+            .flat_map(|g| &g.versions)
+            .find(|r| &*r.apiservice.name == apiservice)
+            .ok_or_else(|| RequestError::NotFound(format!("APIService {apiservice:?} is gone")))?;
+        let Upstream::Remote(remote) = &route.upstream else {
+            return Err(RequestError::NoDelegate { apiservice: apiservice.to_owned() });
+        };
+        let client = remote
+            .client
+            .as_ref()
+            .map_err(|e| RequestError::Transport { apiservice: apiservice.to_owned(), cause: e.to_string() })?;
+        let endpoints = remote.endpoints.as_ref().map_err(|e| RequestError::ServiceUnavailable {
+            apiservice: apiservice.to_owned(),
+            cause: e.to_string(),
+        })?;
+        let target = Target { apiservice, client, authority: endpoints.pick(), discovery };
+        proxy::forward(&self.forward, target, caller, request).await
+    }
+
+    async fn own(&self, request: Request<Incoming>) -> Response<Body> {
+        match self.endpoints.clone().oneshot(request.map(Body::new)).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+fn not_found(what: String) -> RequestError {
+    RequestError::NotFound(format!("the server could not find the requested resource: {what}"))
+}
+
+/// Decides where a path goes. Unknown paths go to the delegate when there is one (it owns
+/// everything the aggregator does not), else they are 404.
+fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decision, RequestError> {
+    let otherwise = |what: String| {
+        if has_delegate {
+            Ok(Decision::Delegate { apiservice: String::new() })
+        } else {
+            Err(not_found(what))
+        }
+    };
+    match classify(path) {
+        ApiPath::Apis { .. } => Ok(Decision::Own),
+        ApiPath::Group(group) => match table.group(group) {
+            Some(_) => Ok(Decision::Own),
+            None => otherwise(format!("no APIService serves group {group:?}")),
+        },
+        ApiPath::GroupVersion { group, version, discovery } => match table.route(group, version) {
+            Some(route) => {
+                let apiservice = route.apiservice.name.to_string();
+                match route.upstream {
+                    Upstream::Local => Ok(Decision::Delegate { apiservice }),
+                    Upstream::Remote(_) => Ok(Decision::Remote { apiservice, discovery }),
+                }
+            }
+            None => otherwise(format!("no APIService serves {group}/{version}")),
+        },
+        ApiPath::Legacy => otherwise("the core API (/api) is served by the delegate, and none is configured".into()),
+        ApiPath::Other => match path {
+            "/metrics" | "/debug/apiservices" => Ok(Decision::Own),
+            "/version" if !has_delegate => Ok(Decision::Own),
+            _ => otherwise(format!("no handler for path {path:?}")),
+        },
+    }
+}

@@ -1,0 +1,166 @@
+//! Kubernetes `Status` bodies, and the one place where request errors become responses.
+//!
+//! kube-aggregator answers many of these in plain text and keeps the cause in its logs; we keep
+//! its status codes but always answer a `Status` whose message names the APIService and the
+//! cause, never a backend address or a secret.
+
+use axum::body::Body;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// `metav1.Status`, as much of it as the proxy writes.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub kind: &'static str,
+    pub api_version: &'static str,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub status: &'static str,
+    pub message: String,
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<StatusDetails>,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u32>,
+}
+
+impl Status {
+    pub fn failure(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind: "Status",
+            api_version: "v1",
+            metadata: serde_json::Map::new(),
+            status: "Failure",
+            message: message.into(),
+            reason,
+            details: None,
+            code: code.as_u16(),
+        }
+    }
+
+    pub fn with_details(mut self, details: StatusDetails) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry_after = self.details.as_ref().and_then(|d| d.retry_after_seconds);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = code;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_JSON));
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// Why a request could not be served, by the phase that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Authentication failed; the cause is logged, the client sees kube's plain `Unauthorized`.
+    #[error("authentication failed: {0}")]
+    Unauthorized(#[from] AuthError),
+    /// No route: an unknown group, version or path.
+    #[error("{0}")]
+    NotFound(String),
+    /// The routing table has not been built yet.
+    #[error("the request has been made before all known HTTP paths have been installed, please try again")]
+    NotReady,
+    /// A local APIService or core path, with no delegate configured.
+    #[error("APIService {apiservice:?} is served locally, and no --delegate-url is configured")]
+    NoDelegate { apiservice: String },
+    /// The backend could not be resolved or reached.
+    #[error("APIService {apiservice:?} is unavailable: {cause}")]
+    ServiceUnavailable { apiservice: String, cause: String },
+    /// The backend's TLS client could not be built from the APIService (bad caBundle, ...).
+    #[error("APIService {apiservice:?}: {cause}")]
+    Transport { apiservice: String, cause: String },
+    /// The backend answered a redirect, which the proxy refuses to forward.
+    #[error("APIService {apiservice:?}: the backend attempted to redirect this request, which is not permitted")]
+    RedirectRejected { apiservice: String },
+}
+
+impl RequestError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotReady | Self::NoDelegate { .. } | Self::ServiceUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Transport { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RedirectRejected { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn to_status(&self) -> Status {
+        let code = self.status_code();
+        match self {
+            Self::Unauthorized(_) => Status::failure(code, "Unauthorized", "Unauthorized"),
+            Self::NotFound(message) => Status::failure(code, "NotFound", message.clone()),
+            Self::NotReady => Status::failure(code, "ServiceUnavailable", self.to_string())
+                .with_details(StatusDetails { retry_after_seconds: Some(5), ..Default::default() }),
+            Self::NoDelegate { .. } | Self::ServiceUnavailable { .. } => {
+                Status::failure(code, "ServiceUnavailable", self.to_string())
+            }
+            Self::Transport { .. } => Status::failure(code, "InternalError", self.to_string()),
+            Self::RedirectRejected { .. } => Status::failure(code, "BadGateway", self.to_string()),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        self.to_status().into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_body_matches_kube_apiserver() {
+        let status = RequestError::Unauthorized(AuthError::NoCredentials).to_status();
+        assert_eq!(
+            serde_json::to_string(&status).unwrap(),
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#
+        );
+    }
+
+    #[test]
+    fn unavailable_names_apiservice_and_cause() {
+        let err = RequestError::ServiceUnavailable {
+            apiservice: "v1.echo.example.com".into(),
+            cause: "connection refused".into(),
+        };
+        let status = err.to_status();
+        assert_eq!((status.code, status.reason), (503, "ServiceUnavailable"));
+        assert_eq!(status.message, "APIService \"v1.echo.example.com\" is unavailable: connection refused");
+    }
+
+    #[test]
+    fn not_ready_asks_to_retry_after_five_seconds() {
+        let response = RequestError::NotReady.into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[RETRY_AFTER], "5");
+    }
+}

@@ -1,0 +1,9 @@
+//! Helpers shared by the integration and end-to-end suites.
+//!
+//! Every test binary compiles this whole module, and each uses only part of it.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod cluster;
+pub mod standalone;
+pub mod wait;

@@ -1,0 +1,370 @@
+//! The standalone proxy over real TLS on loopback, with the real sample extension server as
+//! backend: routing, hot reload, identity, errors, streaming and both HTTP versions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::{TestClient, TestResponse};
+use common::standalone::{apiservice_yaml, Sample, Standalone, SAMPLE_SERVICE, TOKEN};
+use common::wait::eventually;
+use http::{Method, StatusCode, Version};
+
+const SETTLE: Duration = Duration::from_secs(5);
+
+async fn status_of(client: &TestClient, url: &str) -> StatusCode {
+    client.get(url).await.expect("request completes").status
+}
+
+/// Polls `url` until it answers `want`, and returns that response.
+async fn eventually_status(client: &TestClient, url: &str, want: StatusCode) -> TestResponse {
+    eventually(SETTLE, || async {
+        let r = client.get(url).await.map_err(|e| e.to_string())?;
+        if r.status == want {
+            Ok(r)
+        } else {
+            Err(format!("{url}: {} {}", r.status, r.text()))
+        }
+    })
+    .await
+}
+
+/// Polls `/debug/apiservices` until it lists `count` rejections, and returns it.
+async fn eventually_rejections(env: &Standalone, count: usize) -> serde_json::Value {
+    let admin = env.admin();
+    eventually(SETTLE, || async {
+        let debug = admin.get(&env.url("/debug/apiservices")).await.map_err(|e| e.to_string())?.json();
+        match debug["rejected"].as_array().map(Vec::len) {
+            Some(n) if n == count => Ok(debug),
+            n => Err(format!("rejections: {n:?}")),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn requests_are_routed_by_group_and_version() {
+    let env = Standalone::start().await;
+    let admin = env.admin();
+
+    let echo = admin.get(&env.url("/apis/echo.example.com/v1/namespaces/default/echoes/x?limit=5")).await.unwrap();
+    assert_eq!(echo.status, 200, "{}", echo.text());
+    let seen = echo.json();
+    assert_eq!(seen["path"], "/apis/echo.example.com/v1/namespaces/default/echoes/x");
+    assert_eq!(seen["query"], "limit=5");
+
+    let nodes = admin.get(&env.url("/apis/metrics.k8s.io/v1beta1/nodes")).await.unwrap();
+    assert_eq!(nodes.status, 200, "{}", nodes.text());
+    assert_eq!(nodes.json()["kind"], "NodeMetricsList");
+
+    // Discovery lists groups by groupPriorityMinimum: echo (1000) before metrics (100).
+    let apis = admin.get(&env.url("/apis")).await.unwrap().json();
+    let groups: Vec<_> = apis["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(groups, ["echo.example.com", "metrics.k8s.io"]);
+    let group = admin.get(&env.url("/apis/metrics.k8s.io")).await.unwrap().json();
+    assert_eq!(group["preferredVersion"]["groupVersion"], "metrics.k8s.io/v1beta1");
+}
+
+#[tokio::test]
+async fn the_preferred_version_follows_version_priority() {
+    let env = Standalone::start().await;
+    let ca = env.pki.serving_ca.cert_pem();
+    env.write_manifest(
+        "v2.yaml",
+        &apiservice_yaml("v2beta1.echo.example.com", 1000, 20, Some((SAMPLE_SERVICE, 443)), Some(ca)),
+    );
+    let admin = env.admin();
+    let preferred = eventually(SETTLE, || async {
+        let group = admin.get(&env.url("/apis/echo.example.com")).await.map_err(|e| e.to_string())?.json();
+        match group["preferredVersion"]["version"].as_str() {
+            Some("v2beta1") => Ok(group),
+            other => Err(format!("preferred version is {other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(preferred["versions"][1]["version"], "v1");
+    // Both versions route to the backend, which serves only v1: its own 404 comes back.
+    assert_eq!(status_of(&admin, &env.url("/apis/echo.example.com/v1/x")).await, 200);
+    let v2 = admin.get(&env.url("/apis/echo.example.com/v2beta1/x")).await.unwrap();
+    assert_eq!(v2.status, 404);
+    assert_eq!(v2.json()["message"], "the server could not find the requested resource");
+}
+
+#[tokio::test]
+async fn manifests_are_hot_reloaded_when_removed_added_and_changed() {
+    let env = Standalone::start().await;
+    let admin = env.admin();
+    let url = env.url("/apis/echo.example.com/v1/things");
+    let manifest = env.apiservices_dir().join("echo.yaml");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+
+    std::fs::remove_file(&manifest).unwrap();
+    let gone = eventually_status(&admin, &url, StatusCode::NOT_FOUND).await.json();
+    assert_eq!(
+        gone["message"],
+        "the server could not find the requested resource: no APIService serves echo.example.com/v1"
+    );
+
+    env.write_manifest("echo.yaml", &original);
+    eventually_status(&admin, &url, StatusCode::OK).await;
+
+    // Pointing it at a service the static map does not know makes it unavailable.
+    let ca = env.pki.serving_ca.cert_pem();
+    env.write_manifest("echo.yaml", &apiservice_yaml("v1.echo.example.com", 10, 10, Some(("nowhere", 443)), Some(ca)));
+    let body = eventually_status(&admin, &url, StatusCode::SERVICE_UNAVAILABLE).await.json();
+    assert_eq!(body["reason"], "ServiceUnavailable");
+    assert_eq!(
+        body["message"],
+        "APIService \"v1.echo.example.com\" is unavailable: service kube-system/nowhere not found"
+    );
+    // The other APIService never stopped serving.
+    assert_eq!(status_of(&admin, &env.url("/apis/metrics.k8s.io/v1beta1/nodes")).await, 200);
+}
+
+#[tokio::test]
+async fn an_invalid_manifest_is_rejected_with_its_reason_while_the_others_keep_serving() {
+    let env = Standalone::start().await;
+    let admin = env.admin();
+    env.write_manifest("bad.yaml", &apiservice_yaml("v1.bad.example.com", 0, 10, Some((SAMPLE_SERVICE, 443)), None));
+    let debug = eventually_rejections(&env, 1).await;
+    let reason = debug["rejected"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("bad.yaml"), "{reason}");
+    assert!(
+        reason.contains("spec.groupPriorityMinimum: Invalid value: 0: must be positive and less than 20000"),
+        "{reason}"
+    );
+    assert_eq!(status_of(&admin, &env.url("/apis/bad.example.com/v1/x")).await, 404);
+    assert_eq!(status_of(&admin, &env.url("/apis/echo.example.com/v1/x")).await, 200);
+
+    // A good file broken by an edit keeps serving its last good version.
+    env.write_manifest(
+        "echo.yaml",
+        "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {name: v1.echo.example.com\n",
+    );
+    eventually_rejections(&env, 2).await;
+    assert_eq!(status_of(&admin, &env.url("/apis/echo.example.com/v1/x")).await, 200);
+    let metrics = admin.get(&env.url("/metrics")).await.unwrap().text();
+    assert!(metrics.contains("aggregator_invalid_apiservices 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn the_authenticated_identity_is_injected_and_spoofed_identity_headers_are_stripped() {
+    let env = Standalone::start().await;
+    let spoofs = [
+        ("X-Remote-User", "system:admin"),
+        ("x-remote-group", "system:masters"),
+        ("X-Remote-Uid", "0"),
+        ("X-Remote-Extra-Scopes", "everything"),
+        ("Impersonate-User", "system:admin"),
+        ("Impersonate-Group", "system:masters"),
+        ("Impersonate-Extra-Reason", "because"),
+    ];
+    // As alice by bearer token (the Authorization header must not reach the backend either).
+    let alice = env.client().bearer(TOKEN).build();
+    let response = alice.request(Method::GET, &env.url("/apis/echo.example.com/v1/whoami"), &spoofs, "").await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let seen = response.json();
+    assert_eq!(seen["user"]["name"], "alice");
+    assert_eq!(seen["user"]["uid"], "1001");
+    assert_eq!(seen["user"]["groups"], serde_json::json!(["dev", "ops", "system:authenticated"]));
+    assert_eq!(seen["user"]["extra"], serde_json::json!({}));
+    let headers = seen["headers"].as_object().unwrap();
+    for name in headers.keys() {
+        assert!(!name.starts_with("impersonate-"), "{name} reached the backend");
+        assert_ne!(name, "authorization", "the bearer token reached the backend");
+    }
+    assert_eq!(headers["x-remote-user"], serde_json::json!(["alice"]));
+    assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(headers["x-forwarded-uri"], serde_json::json!(["/apis/echo.example.com/v1/whoami"]));
+    assert!(headers.contains_key("audit-id"));
+
+    // As admin by client certificate.
+    let seen = env
+        .admin()
+        .request(Method::GET, &env.url("/apis/echo.example.com/v1/whoami"), &spoofs, "")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(seen["user"]["name"], "admin");
+    assert_eq!(seen["user"]["groups"], serde_json::json!(["system:masters", "system:authenticated"]));
+}
+
+#[tokio::test]
+async fn requests_without_valid_credentials_get_401_with_a_status_body() {
+    let env = Standalone::start().await;
+    for client in [env.client().build(), env.client().bearer("not-a-token").build()] {
+        let response = client.get(&env.url("/apis/echo.example.com/v1/x")).await.unwrap();
+        assert_eq!(response.status, 401);
+        assert_eq!(response.header("content-type"), Some("application/json"));
+        assert_eq!(
+            response.json(),
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                               "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+        );
+    }
+    // Probes need no credentials.
+    assert_eq!(status_of(&env.client().build(), &env.url("/readyz")).await, 200);
+}
+
+#[tokio::test]
+async fn anonymous_requests_are_served_as_system_anonymous_when_enabled() {
+    let env = Standalone::start_with(|s| s.anonymous_auth = Some(true)).await;
+    let seen = env.client().build().get(&env.url("/apis/echo.example.com/v1/x")).await.unwrap().json();
+    assert_eq!(seen["user"]["name"], "system:anonymous");
+    assert_eq!(seen["user"]["groups"], serde_json::json!(["system:unauthenticated"]));
+    // A bad token is still refused: anonymous is for callers with no credentials at all.
+    assert_eq!(status_of(&env.client().bearer("wrong").build(), &env.url("/apis")).await, 401);
+}
+
+#[tokio::test]
+async fn unknown_groups_and_the_core_api_get_404_with_a_status_body() {
+    let env = Standalone::start().await;
+    let admin = env.admin();
+    let response = admin.get(&env.url("/apis/unknown.example.com/v1/things")).await.unwrap();
+    assert_eq!(response.status, 404);
+    let body = response.json();
+    assert_eq!(body["reason"], "NotFound");
+    assert!(body["message"].as_str().unwrap().contains("unknown.example.com/v1"), "{body}");
+    assert_eq!(status_of(&admin, &env.url("/apis/unknown.example.com")).await, 404);
+    assert_eq!(status_of(&admin, &env.url("/api")).await, 404);
+    assert_eq!(status_of(&admin, &env.url("/api/v1/pods")).await, 404);
+}
+
+#[tokio::test]
+async fn a_local_apiservice_without_a_delegate_answers_503() {
+    let env = Standalone::start().await;
+    env.write_manifest("local.yaml", &apiservice_yaml("v1.local.example.com", 10, 10, None, None));
+    let admin = env.admin();
+    let body = eventually_status(&admin, &env.url("/apis/local.example.com/v1/x"), StatusCode::SERVICE_UNAVAILABLE)
+        .await
+        .json();
+    assert!(body["message"].as_str().unwrap().contains("no --delegate-url"), "{body}");
+}
+
+#[tokio::test]
+async fn a_down_backend_answers_503_naming_the_cause_and_recovers_when_it_returns() {
+    let mut env = Standalone::start().await;
+    let admin = env.admin();
+    let url = env.url("/apis/echo.example.com/v1/x");
+    assert_eq!(status_of(&admin, &url).await, 200);
+
+    env.sample.take().unwrap().stop().await;
+    let response = admin.get(&url).await.unwrap();
+    assert_eq!(response.status, 503);
+    let body = response.json();
+    assert_eq!(body["reason"], "ServiceUnavailable");
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(message, "APIService \"v1.echo.example.com\" is unavailable: connection refused");
+    assert!(!message.contains(&env.sample_addr.port().to_string()), "the backend address leaked: {message}");
+    // Other routes and the proxy itself are unaffected.
+    assert_eq!(status_of(&admin, &env.url("/apis")).await, 200);
+
+    let restarted = Sample::start(&env.pki, env.sample_addr).await;
+    eventually_status(&admin, &url, StatusCode::OK).await;
+    env.sample = Some(restarted);
+}
+
+#[tokio::test]
+async fn a_backend_certificate_for_another_name_is_refused_with_the_reason() {
+    let env = Standalone::start().await;
+    let ca = env.pki.serving_ca.cert_pem();
+    env.write_manifest(
+        "impostor.yaml",
+        &apiservice_yaml("v1.impostor.example.com", 10, 10, Some(("impostor", 443)), Some(ca)),
+    );
+    let other_ca = kube_aggregation_proxy::pki::CertificateAuthority::new("someone-else").unwrap();
+    env.write_manifest(
+        "untrusted.yaml",
+        &apiservice_yaml("v1.untrusted.example.com", 10, 10, Some((SAMPLE_SERVICE, 443)), Some(other_ca.cert_pem())),
+    );
+    let admin = env.admin();
+    let message = |path: &'static str| {
+        let (admin, url) = (admin.clone(), env.url(path));
+        async move { eventually_status(&admin, &url, StatusCode::SERVICE_UNAVAILABLE).await.json()["message"].clone() }
+    };
+    assert_eq!(
+        message("/apis/impostor.example.com/v1/x").await,
+        "APIService \"v1.impostor.example.com\" is unavailable: TLS: certificate not valid for impostor.kube-system.svc"
+    );
+    assert_eq!(
+        message("/apis/untrusted.example.com/v1/x").await,
+        "APIService \"v1.untrusted.example.com\" is unavailable: TLS: certificate signed by unknown authority"
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_response_arrives_in_pieces_before_the_backend_finishes() {
+    let env = Standalone::start().await;
+    for client in [
+        env.client().client_cert(&env.pki.admin).http1_only().build(),
+        env.client().client_cert(&env.pki.admin).http2_only().build(),
+    ] {
+        let stream = client
+            .get_streaming(&env.url("/apis/echo.example.com/v1/namespaces/default/echoes?watch=true&timeoutSeconds=3"))
+            .await
+            .unwrap();
+        assert_eq!(stream.status, 200);
+        let started = stream.started;
+        let chunks = stream.collect_chunks().await.unwrap();
+        let events: Vec<serde_json::Value> = chunks
+            .iter()
+            .flat_map(|c| std::str::from_utf8(&c.data).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect();
+        assert!(events.len() >= 3, "events: {events:?}");
+        assert_eq!(events[0]["type"], "ADDED");
+        let first = chunks.first().unwrap().at.duration_since(started);
+        let last = chunks.last().unwrap().at.duration_since(started);
+        // The backend writes one event a second for three seconds: the first must arrive while
+        // the backend is still writing, not when it finishes.
+        assert!(last - first >= Duration::from_millis(1500), "first at {first:?}, last at {last:?}");
+    }
+}
+
+#[tokio::test]
+async fn http1_and_http2_clients_are_both_served() {
+    let env = Standalone::start().await;
+    let h1 = env.client().client_cert(&env.pki.admin).http1_only().build();
+    let h2 = env.client().client_cert(&env.pki.admin).http2_only().build();
+    let r1 = h1.get(&env.url("/apis/echo.example.com/v1/x")).await.unwrap();
+    let r2 = h2.get(&env.url("/apis/echo.example.com/v1/x")).await.unwrap();
+    assert_eq!((r1.status, r1.version), (StatusCode::OK, Version::HTTP_11));
+    assert_eq!((r2.status, r2.version), (StatusCode::OK, Version::HTTP_2));
+}
+
+#[tokio::test]
+async fn request_bodies_are_forwarded_to_the_backend() {
+    let env = Standalone::start().await;
+    let body = r#"{"kind":"Echo","metadata":{"name":"posted"}}"#;
+    let r = env
+        .admin()
+        .request(
+            Method::POST,
+            &env.url("/apis/echo.example.com/v1/namespaces/default/echoes"),
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["body"], body);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_per_apiservice() {
+    let env = Standalone::start().await;
+    let admin = env.admin();
+    for _ in 0..3 {
+        assert_eq!(status_of(&admin, &env.url("/apis/echo.example.com/v1/x")).await, 200);
+    }
+    let metrics = admin.get(&env.url("/metrics")).await.unwrap().text();
+    assert!(
+        metrics
+            .contains(r#"aggregator_proxy_requests_total{apiservice="v1.echo.example.com",method="GET",code="200"} 3"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("aggregator_routing_table_apiservices 2"), "{metrics}");
+}
