@@ -10,11 +10,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::delegating;
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::requestheader::RequestHeaderAuthenticator;
+use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::x509::ClientCertAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
-use crate::config::{Config, Source};
+use crate::config::{Config, Delegate, Source};
+use crate::discovery::{DelegateDiscovery, DiscoveryDocuments, Fetcher, FetcherSettings};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::proxy::client::{BackendClient, BackendTls, ClientCache, ClientSettings};
@@ -25,6 +28,7 @@ use crate::server::endpoints::{self, EndpointState, SharedRejections};
 use crate::server::pipeline::DelegateTarget;
 use crate::server::{self, Gateway};
 use crate::source::file::FileSource;
+use crate::source::kube::ClusterSource;
 use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,8 @@ pub struct RunningApp {
     table: SharedTable,
     ready: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
+    discovery: DiscoveryDocuments,
+    delegate_discovery: watch::Sender<Arc<DelegateDiscovery>>,
     shutdown: Option<oneshot::Sender<()>>,
     tasks: JoinSet<()>,
 }
@@ -66,6 +72,16 @@ impl RunningApp {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The aggregated discovery and OpenAPI documents being served.
+    pub fn discovery(&self) -> &DiscoveryDocuments {
+        &self.discovery
+    }
+
+    /// Where the delegate's own discovery and OpenAPI documents go (cluster mode).
+    pub fn delegate_discovery(&self) -> &watch::Sender<Arc<DelegateDiscovery>> {
+        &self.delegate_discovery
     }
 
     /// Resolves once the first routing table is serving.
@@ -94,6 +110,39 @@ impl RunningApp {
     pub async fn wait(&mut self) {
         let _ = self.tasks.join_next().await;
     }
+}
+
+/// A client for the cluster of `kubeconfig` (or the in-cluster config, or kube's usual
+/// inference when none is given).
+async fn connect(kubeconfig: Option<&std::path::Path>) -> Result<(kube::Client, kube::Config), AppError> {
+    let source = |e: String| AppError::Source(format!("cluster: {e}"));
+    let kube_config = match kubeconfig {
+        Some(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| source(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| source(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| source(e.to_string()))?,
+    };
+    let client = kube::Client::try_from(kube_config.clone()).map_err(|e| source(e.to_string()))?;
+    Ok((client, kube_config))
+}
+
+/// The delegate is the kubeconfig's server, trusted with the kubeconfig's CA.
+fn delegate_from_kubeconfig(kube_config: &kube::Config) -> Result<Delegate, AppError> {
+    let url = &kube_config.cluster_url;
+    let host = url.host().ok_or_else(|| AppError::Delegate(format!("kubeconfig server {url} has no host")))?;
+    let port = url.port_u16().unwrap_or(443);
+    let authority = format!(
+        "{}:{port}",
+        if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() }
+    )
+    .parse()
+    .map_err(|e| AppError::Delegate(format!("kubeconfig server {url}: {e}")))?;
+    let ca_bundle = kube_config.root_cert.as_deref().map(tls::der_to_pem).unwrap_or_default().into_bytes();
+    Ok(Delegate { authority, ca_bundle, server_name: host.trim_matches(['[', ']']).to_owned() })
 }
 
 fn auth_chain(config: &Config) -> (AuthChain, IdentityHeaderNames) {
@@ -127,8 +176,31 @@ fn client_roots(config: &Config) -> RootCertStore {
 
 /// Starts the proxy described by `config` and returns once it is listening (not yet ready:
 /// see [`RunningApp::ready`]).
-pub async fn start(config: Config) -> Result<RunningApp, AppError> {
+pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     let metrics = Arc::new(Metrics::new());
+    // Cluster mode fills what flags left open from the cluster itself: the delegate is the
+    // kubeconfig's server, authentication follows kube-apiserver's published settings, and
+    // bearer tokens are checked with TokenReview.
+    let cluster = match &config.source {
+        Source::Cluster { kubeconfig } => Some(connect(kubeconfig.as_deref()).await?),
+        Source::Files { .. } => None,
+    };
+    let mut token_reviewer = None;
+    if let Some((client, kube_config)) = &cluster {
+        if config.delegate.is_none() {
+            config.delegate = Some(delegate_from_kubeconfig(kube_config)?);
+        }
+        if config.client_ca.is_none() || config.requestheader.is_none() {
+            match delegating::load(client.clone()).await {
+                Ok(found) => {
+                    config.client_ca = config.client_ca.take().or(found.client_ca);
+                    config.requestheader = config.requestheader.take().or(found.requestheader);
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster authentication settings unavailable; using flags only"),
+            }
+        }
+        token_reviewer = Some(Arc::new(TokenReviewAuthenticator::new(client.clone(), config.token_review_cache_ttl)));
+    }
     let (serving, generated_serving_ca) = match &config.serving {
         Some(s) => (s.clone(), None),
         None => {
@@ -172,14 +244,36 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
             tasks.spawn(source.run(snapshots_tx));
         }
         Source::Cluster { .. } => {
-            return Err(AppError::Source("source: cluster is not available in this build yet".into()));
+            let (client, _) = cluster.clone().ok_or_else(|| AppError::Source("no cluster client".into()))?;
+            let loopback = delegate.as_ref().map(|d| d.authority.clone());
+            let source = ClusterSource::new(
+                client,
+                config.enable_aggregator_routing,
+                loopback,
+                rejections.clone(),
+                metrics.clone(),
+            );
+            tasks.spawn(source.run(snapshots_tx));
         }
     }
     tasks.spawn(writer::run(snapshots_rx, table.clone(), clients, ready_tx, metrics.clone()));
+    // Discovery and OpenAPI are fetched from the backends in the background and served from
+    // memory; cluster mode sends kube-apiserver's own documents on `delegate_discovery`.
+    let (delegate_discovery, delegate_discovery_rx) = watch::channel(Arc::new(DelegateDiscovery::default()));
+    let (fetcher, discovery) = Fetcher::new(table.clone(), FetcherSettings::default(), delegate_discovery_rx);
+    tasks.spawn(fetcher.run());
 
-    let (auth, identity_headers) = auth_chain(&config);
-    let endpoint_state =
-        EndpointState { table: table.clone(), metrics: metrics.clone(), ready: ready.clone(), rejections };
+    let (mut auth, identity_headers) = auth_chain(&config);
+    if let Some(reviewer) = token_reviewer {
+        auth = auth.with_token_reviewer(reviewer);
+    }
+    let endpoint_state = EndpointState {
+        table: table.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        rejections,
+        discovery: discovery.clone(),
+    };
     let gateway = Arc::new(Gateway {
         table: table.clone(),
         auth,
@@ -201,5 +295,15 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%local_addr, "serving");
-    Ok(RunningApp { local_addr, generated_serving_ca, table, ready, metrics, shutdown: Some(shutdown_tx), tasks })
+    Ok(RunningApp {
+        local_addr,
+        generated_serving_ca,
+        table,
+        ready,
+        metrics,
+        discovery,
+        delegate_discovery,
+        shutdown: Some(shutdown_tx),
+        tasks,
+    })
 }

@@ -133,6 +133,10 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_connect_timeout: Option<String>,
+    /// How long TokenReview answers are cached (cluster source) [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authentication_token_webhook_cache_ttl: Option<String>,
     /// How long an idle backend connection is kept [default: 90s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,6 +189,7 @@ pub struct Config {
     pub reject_forwarding_redirects: bool,
     pub backend_connect_timeout: Duration,
     pub backend_idle_timeout: Duration,
+    pub token_review_cache_ttl: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -355,6 +360,11 @@ impl Settings {
             duration("backend-connect-timeout", &self.backend_connect_timeout, Duration::from_secs(5));
         let backend_idle_timeout =
             duration("backend-idle-timeout", &self.backend_idle_timeout, Duration::from_secs(90));
+        let token_review_cache_ttl = duration(
+            "authentication-token-webhook-cache-ttl",
+            &self.authentication_token_webhook_cache_ttl,
+            crate::auth::tokenreview::DEFAULT_CACHE_TTL,
+        );
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -375,6 +385,7 @@ impl Settings {
             reject_forwarding_redirects: self.aggregator_reject_forwarding_redirect.unwrap_or(true),
             backend_connect_timeout,
             backend_idle_timeout,
+            token_review_cache_ttl,
         })
     }
 }

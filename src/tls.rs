@@ -125,3 +125,19 @@ pub fn server_config(serving: &CertifiedKey, client_roots: Option<RootCertStore>
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(config)
 }
+
+/// PEM text for DER certificates (kube's config hands out DER roots; our clients take PEM).
+pub fn der_to_pem(ders: &[Vec<u8>]) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for der in ders {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}

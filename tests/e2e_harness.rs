@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{write_kubeconfig, Cluster};
+use common::cluster::{
+    https_get, wait_for, write_kubeconfig, Cluster, FAKE_NODE_CPU_CORES, FAKE_NODE_MEMORY_BYTES, FAKE_NODE_NAME,
+};
 
 const EVENT_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -88,11 +90,25 @@ fn metrics_and_wardle_apiservices_become_available() {
 fn node_metrics_are_served_through_the_aggregator() {
     let cluster = Cluster::shared();
     cluster.metrics_server();
-    let nodes = cluster.kubectl(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes"]).expect("kubectl runs");
-    let nodes = nodes.json().expect("a JSON NodeMetricsList");
-    assert_eq!(nodes["kind"], "NodeMetricsList", "{nodes}");
-    assert_eq!(nodes["apiVersion"], "metrics.k8s.io/v1beta1", "{nodes}");
-    assert!(nodes["items"].is_array(), "{nodes}");
+    // CPU usage is a rate: metrics-server reports the node after its second scrape.
+    let node = wait_for(Duration::from_secs(90), "node metrics of the fake node", || {
+        let nodes = cluster.kubectl(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes"])?;
+        let nodes = nodes.json()?;
+        assert_eq!(nodes["kind"], "NodeMetricsList", "{nodes}");
+        assert_eq!(nodes["apiVersion"], "metrics.k8s.io/v1beta1", "{nodes}");
+        Ok(nodes["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|item| item["metadata"]["name"] == FAKE_NODE_NAME)
+            .cloned())
+    })
+    .expect("metrics-server reports the node");
+    assert_eq!(node["usage"]["memory"], format!("{}Ki", FAKE_NODE_MEMORY_BYTES / 1024), "{node}");
+    let cpu = node["usage"]["cpu"].as_str().expect("cpu usage");
+    let nanocores: f64 = cpu.strip_suffix('n').expect("cpu in nanocores").parse().expect("a number");
+    let cores = nanocores / 1e9;
+    assert!((cores - FAKE_NODE_CPU_CORES).abs() < 0.05, "expected about {FAKE_NODE_CPU_CORES} cores, got {cpu}");
 }
 
 #[test]
@@ -194,4 +210,46 @@ fn kube_apiserver_restarts_on_the_same_port_and_keeps_its_data() {
         .kubectl(&["get", "configmap", "survivor", "-n", "default"])
         .expect("kubectl runs")
         .expect_success("get configmap after restart");
+}
+
+#[test]
+fn extension_servers_take_identity_from_headers_only_with_the_front_proxy_certificate() {
+    let cluster = Cluster::shared();
+    let wardle = cluster.sample_apiserver();
+    let namespace = "e2e-front-proxy";
+    create_namespace(cluster, namespace);
+    let path = format!("/apis/wardle.example.com/v1alpha1/namespaces/{namespace}/flunders");
+    let ca = &cluster.pki().extension_ca.cert.cert_pem;
+    let proxy = &cluster.pki().front_proxy_client;
+
+    // What kube-aggregator does: the proxy client certificate plus X-Remote-* headers.
+    let allowed = https_get(
+        &wardle.url(),
+        &path,
+        ca,
+        Some(proxy),
+        &[("X-Remote-User", "e2e-proxied-admin"), ("X-Remote-Group", "system:masters")],
+    )
+    .expect("the extension server answers");
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    assert_eq!(allowed.json().expect("JSON")["kind"], "FlunderList");
+
+    let refused = https_get(&wardle.url(), &path, ca, Some(proxy), &[("X-Remote-User", "e2e-proxied-nobody")])
+        .expect("the extension server answers");
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains(r#"User \"e2e-proxied-nobody\""#), "{}", refused.body);
+
+    // The same headers from an ordinary client certificate are ignored: the caller is
+    // who its certificate says.
+    let spoofer = cluster.mint_user("e2e-spoofer", &[]).expect("a user certificate is minted");
+    let spoofed = https_get(
+        &wardle.url(),
+        &path,
+        ca,
+        Some(&spoofer.cert),
+        &[("X-Remote-User", "admin"), ("X-Remote-Group", "system:masters")],
+    )
+    .expect("the extension server answers");
+    assert_eq!(spoofed.status, 403, "{}", spoofed.body);
+    assert!(spoofed.body.contains(r#"User \"e2e-spoofer\""#), "{}", spoofed.body);
 }

@@ -6,9 +6,11 @@
 //! to anonymous. `identity` then strips whatever identity the client tried to assert and writes
 //! the authenticated one as `X-Remote-*` headers.
 
+pub mod delegating;
 pub mod identity;
 pub mod requestheader;
 pub mod token;
+pub mod tokenreview;
 pub mod x509;
 
 use std::sync::Arc;

@@ -3,6 +3,20 @@
 //!
 //! Like kube-aggregator, every APIService is listed whatever its availability; the core group
 //! (`v1.`) is served under `/api`, not here.
+//!
+//! The other documents are built from the backends' own, fetched in the background:
+//! [`aggregated`] (the `apidiscovery.k8s.io/v2` document and its merge), [`openapi`]
+//! (`/openapi/v2` and `/openapi/v3`), [`fetcher`] (the task that downloads and rebuilds them),
+//! [`handlers`] (answering from memory) and [`published`] (a document ready to serve, with
+//! its `ETag`).
+
+pub mod aggregated;
+pub mod fetcher;
+pub mod handlers;
+pub mod openapi;
+pub mod published;
+
+pub use fetcher::{DelegateDiscovery, DiscoveryDocuments, Fetcher, FetcherSettings};
 
 use serde::Serialize;
 

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, VARY};
+use http::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::discovery::{self, GROUP_ECHO, GROUP_METRICS, VERSION_ECHO, VERSION_METRICS};
 use super::echo;
 use super::node_metrics::{MetricsList, NodeMetrics, Sampler};
+use super::openapi;
 use crate::auth::requestheader::RequestHeaderAuthenticator;
 use crate::auth::{Authenticator, Credentials, UserInfo};
 use crate::status::{Status, StatusDetails};
@@ -159,6 +160,14 @@ impl Handler {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match segments.as_slice() {
             ["apis"] | ["apis", ""] => get_only(request.method(), || self.apis(request.headers())),
+            ["openapi", "v2"] => get_only(request.method(), || document(&openapi::DOCUMENTS.v2, request.headers())),
+            ["openapi", "v3"] => {
+                get_only(request.method(), || document(&openapi::DOCUMENTS.v3_root, request.headers()))
+            }
+            ["openapi", "v3", rest @ ..] => match openapi::DOCUMENTS.v3.get(&rest.join("/")) {
+                Some(doc) => get_only(request.method(), || document(doc, request.headers())),
+                None => not_found(),
+            },
             ["apis", GROUP_ECHO, VERSION_ECHO, _, ..] => self.echo(request, &user).await,
             ["apis", group] | ["apis", group, ""] => match discovery::served_group(group) {
                 Some(served) => get_only(request.method(), || json_response(&discovery::api_group(served))),
@@ -175,16 +184,28 @@ impl Handler {
         }
     }
 
-    /// `/apis`: the legacy `APIGroupList`, or the aggregated document when asked for.
+    /// `/apis`: the legacy `APIGroupList`, or the aggregated document (with an `ETag`, so the
+    /// proxy's periodic refetch is answered 304) when asked for.
     fn apis(&self, headers: &http::HeaderMap) -> Response<ResponseBody> {
         let mut response = if discovery::accepts_aggregated_discovery(headers) {
-            let mut response = json_response(&discovery::aggregated_discovery());
-            if response.status().is_success() {
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static(discovery::AGGREGATED_DISCOVERY_CONTENT_TYPE));
+            match serde_json::to_vec(&discovery::aggregated_discovery()) {
+                Ok(body) => {
+                    let hash = crate::discovery::published::sha512_hex(&body);
+                    let doc = openapi::Document { body: body.into(), hash };
+                    let mut response = document(&doc, headers);
+                    if response.status().is_success() {
+                        response.headers_mut().insert(
+                            CONTENT_TYPE,
+                            HeaderValue::from_static(discovery::AGGREGATED_DISCOVERY_CONTENT_TYPE),
+                        );
+                    }
+                    response
+                }
+                Err(error) => {
+                    tracing::error!(%error, "serializing aggregated discovery");
+                    internal_error()
+                }
             }
-            response
         } else {
             json_response(&discovery::api_group_list())
         };
@@ -256,6 +277,22 @@ impl Handler {
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(APPLICATION_JSON));
         response
     }
+}
+
+/// A JSON document with its `ETag`; `304` when `If-None-Match` names it.
+fn document(doc: &openapi::Document, headers: &http::HeaderMap) -> Response<ResponseBody> {
+    let etag = doc.etag();
+    let mut response = if headers.get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+        let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        respond(StatusCode::OK, APPLICATION_JSON, doc.body.clone())
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(ETAG, v);
+    }
+    response
 }
 
 /// Discovery and metrics are read-only.

@@ -6,7 +6,8 @@
 //! with a common name that is not allowed, or without a username header is answered 401. It
 //! serves `metrics.k8s.io/v1beta1` NodeMetrics for this machine from `/proc`
 //! ([`node_metrics`]), the `echo.example.com/v1` API that describes each request back
-//! ([`echo`]), and discovery for both ([`discovery`]). [`handler`] holds the request path.
+//! ([`echo`]), discovery for both ([`discovery`]) and their OpenAPI documents ([`openapi`]).
+//! [`handler`] holds the request path.
 //!
 //! [`SampleServer::bind`] binds first (so port 0 works and the address is known before
 //! serving); [`SampleServer::run`] serves until its shutdown future completes, then ends open
@@ -16,6 +17,7 @@ pub mod discovery;
 pub mod echo;
 pub mod handler;
 pub mod node_metrics;
+pub mod openapi;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -36,6 +36,8 @@ pub struct EndpointState {
     pub metrics: Arc<Metrics>,
     pub ready: watch::Receiver<bool>,
     pub rejections: SharedRejections,
+    /// Aggregated discovery and OpenAPI, published by the background fetcher.
+    pub discovery: discovery::DiscoveryDocuments,
 }
 
 /// Paths answered before authentication (probes).
@@ -50,11 +52,15 @@ pub fn router(state: EndpointState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/apis", get(apis))
-        .route("/apis/", get(apis))
+        // As in kube, `/apis/` only ever answers the legacy list.
+        .route("/apis/", get(apis_legacy))
         .route("/apis/{group}", get(group))
         .route("/apis/{group}/", get(group))
         .route("/debug/apiservices", get(debug_apiservices))
         .route("/version", get(version))
+        .route("/openapi/v2", get(openapi_v2))
+        .route("/openapi/v3", get(openapi_v3))
+        .route("/openapi/v3/{*path}", get(openapi_v3_document))
         .with_state(state)
 }
 
@@ -70,8 +76,33 @@ async fn metrics(State(state): State<EndpointState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode()).into_response()
 }
 
-async fn apis(State(state): State<EndpointState>) -> Response {
+/// `/apis`: the aggregated document when `Accept` asks for it, else the legacy list.
+async fn apis(State(state): State<EndpointState>, headers: HeaderMap) -> Response {
+    match discovery::handlers::aggregated(&state.discovery, &headers) {
+        Some(response) => response,
+        None => apis_legacy(State(state)).await,
+    }
+}
+
+async fn apis_legacy(State(state): State<EndpointState>) -> Response {
     Json(discovery::api_group_list(&state.table.load())).into_response()
+}
+
+async fn openapi_v2(State(state): State<EndpointState>, headers: HeaderMap) -> Response {
+    discovery::handlers::openapi_v2(&state.discovery, &headers)
+}
+
+async fn openapi_v3(State(state): State<EndpointState>, headers: HeaderMap) -> Response {
+    discovery::handlers::openapi_v3_root(&state.discovery, &headers)
+}
+
+async fn openapi_v3_document(
+    State(state): State<EndpointState>,
+    Path(path): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    discovery::handlers::openapi_v3_document(&state.discovery, &path, &uri, &headers)
 }
 
 async fn group(State(state): State<EndpointState>, Path(group): Path<String>) -> Response {

@@ -217,7 +217,23 @@ fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decisi
         ApiPath::Other => match path {
             "/metrics" | "/debug/apiservices" => Ok(Decision::Own),
             "/version" if !has_delegate => Ok(Decision::Own),
+            // OpenAPI: the merged v2 document and the v3 index are always ours (the delegate's
+            // are inputs to them); a v3 document is ours when a remote backend owns its
+            // group-version, and the delegate's otherwise (crate::discovery::openapi).
+            "/openapi/v2" | "/openapi/v3" => Ok(Decision::Own),
+            _ if openapi_v3_is_remote(table, path) => Ok(Decision::Own),
             _ => otherwise(format!("no handler for path {path:?}")),
         },
+    }
+}
+
+/// Whether `path` is `/openapi/v3/apis/<group>/<version>` of a remote APIService.
+fn openapi_v3_is_remote(table: &RoutingTable, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/openapi/v3") else { return false };
+    match classify(rest) {
+        ApiPath::GroupVersion { group, version, discovery: true } => {
+            table.route(group, version).is_some_and(|r| matches!(r.upstream, Upstream::Remote(_)))
+        }
+        _ => false,
     }
 }

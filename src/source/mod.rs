@@ -4,3 +4,4 @@
 //! [`Snapshot`]: crate::routing::writer::Snapshot
 
 pub mod file;
+pub mod kube;

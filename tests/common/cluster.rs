@@ -18,7 +18,9 @@
 
 mod binaries;
 mod extension;
+mod https;
 mod kubectl;
+mod kubelet;
 mod pki;
 mod process;
 
@@ -38,7 +40,11 @@ pub use binaries::{binaries, cache_dir, Binaries};
 #[allow(unused_imports)]
 pub use extension::{ExtensionServer, ExtensionServerKind};
 #[allow(unused_imports)]
+pub use https::{https_get, HttpsResponse};
+#[allow(unused_imports)]
 pub use kubectl::{KubectlOutput, KubectlWatch};
+#[allow(unused_imports)]
+pub use kubelet::{FAKE_NODE_CPU_CORES, FAKE_NODE_MEMORY_BYTES, FAKE_NODE_NAME};
 #[allow(unused_imports)]
 pub use pki::{CertKey, CertificateAuthority, Pki, Usage, FRONT_PROXY_CLIENT_NAME};
 #[allow(unused_imports)]
@@ -283,10 +289,27 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("sample-apiserver failed to start: {e}"))
     }
 
-    /// Stops kube-apiserver (SIGTERM, then SIGKILL after a grace period); etcd keeps running.
+    /// Starts another extension server of `kind` owned by the caller (stopped on drop).
+    ///
+    /// It registers the same APIServices as [`Cluster::metrics_server`] or
+    /// [`Cluster::sample_apiserver`] would, pointing them at itself: do not mix the two on
+    /// one cluster.
+    pub fn start_extension_server(&self, kind: ExtensionServerKind) -> Result<ExtensionServer, String> {
+        ExtensionServer::start(self, kind)
+    }
+
+    /// Stops kube-apiserver gracefully (SIGTERM, then SIGKILL after ten seconds) and waits
+    /// for it to exit; etcd keeps running. [`Cluster::start_kube_apiserver`] brings it back.
     pub fn stop_kube_apiserver(&self) {
         if let Some(mut apiserver) = lock(&self.apiserver).take() {
             apiserver.stop();
+        }
+    }
+
+    /// Kills kube-apiserver at once (SIGKILL), as a crash would, and waits for it to exit.
+    pub fn kill_kube_apiserver(&self) {
+        if let Some(mut apiserver) = lock(&self.apiserver).take() {
+            apiserver.kill();
         }
     }
 
@@ -398,9 +421,9 @@ impl Drop for Cluster {
         // etcd; the janitor removes the directory last.
         drop(self.metrics_server.take());
         drop(self.sample_apiserver.take());
-        self.stop_kube_apiserver();
+        self.kill_kube_apiserver();
         if let Some(mut etcd) = lock(&self.etcd).take() {
-            etcd.stop();
+            etcd.kill();
         }
         self.janitor = None;
     }
@@ -431,13 +454,13 @@ fn start_etcd(binaries: &Binaries, dir: &Path) -> Result<(Process, String), Stri
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let args: Vec<String> = [
-            ("name", "default".to_owned()),
+            ("name", "kap-e2e".to_owned()),
             ("data-dir", dir.join("etcd-data").display().to_string()),
             ("listen-client-urls", client_url.clone()),
             ("advertise-client-urls", client_url.clone()),
             ("listen-peer-urls", peer_url.clone()),
             ("initial-advertise-peer-urls", peer_url.clone()),
-            ("initial-cluster", format!("default={peer_url}")),
+            ("initial-cluster", format!("kap-e2e={peer_url}")),
             // Test data need not survive a power cut; fsync dominates etcd latency on CI disks.
             ("unsafe-no-fsync", "true".to_owned()),
             ("log-level", "warn".to_owned()),

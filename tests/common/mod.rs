@@ -5,5 +5,6 @@
 
 pub mod client;
 pub mod cluster;
+pub mod cluster_proxy;
 pub mod standalone;
 pub mod wait;

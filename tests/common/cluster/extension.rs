@@ -7,12 +7,14 @@
 //! that to `https://localhost:<spec.service.port>`, so the APIService's port is the server's.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
+use super::kubelet::FakeKubelet;
 use super::pki::{CertKey, Usage};
 use super::process::{free_port, Process};
 use super::{lock, with_log_tails, Cluster, User, START_ATTEMPTS};
@@ -122,7 +124,10 @@ pub struct ExtensionServer {
     pub identity: User,
     /// Names of the APIServices it backs, e.g. `v1beta1.metrics.k8s.io`.
     pub apiservices: Vec<String>,
+    log: PathBuf,
     process: Mutex<Option<Process>>,
+    /// metrics-server's scrape target (a Node and a stand-in kubelet).
+    kubelet: Option<FakeKubelet>,
 }
 
 impl ExtensionServer {
@@ -145,6 +150,18 @@ impl ExtensionServer {
                 Usage::Server,
             )
             .map_err(|e| format!("issuing {name}'s serving certificate: {e}"))?;
+
+        let mut kubelet = match kind {
+            ExtensionServerKind::MetricsServer => {
+                let kubelet_serving = cluster
+                    .pki()
+                    .extension_ca
+                    .issue(&dir, "kubelet", "kubelet", &[], &["127.0.0.1", "localhost"], Usage::Server)
+                    .map_err(|e| format!("issuing the kubelet's serving certificate: {e}"))?;
+                Some(FakeKubelet::start(cluster, &kubelet_serving)?)
+            }
+            ExtensionServerKind::SampleApiserver => None,
+        };
 
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
@@ -170,7 +187,9 @@ impl ExtensionServer {
                         serving,
                         identity,
                         apiservices: kind.apiservices().iter().map(apiservice_name).collect(),
+                        log: cluster.log_path(name),
                         process: Mutex::new(Some(process)),
+                        kubelet: kubelet.take(),
                     })
                 }
                 Err(_) if process.logged("address already in use") => {
@@ -188,17 +207,30 @@ impl ExtensionServer {
         format!("https://127.0.0.1:{}", self.port)
     }
 
-    /// Stops the server; its APIServices become unavailable.
+    /// Stops the server gracefully; its APIServices become unavailable.
     pub fn stop(&self) {
         if let Some(mut process) = lock(&self.process).take() {
             process.stop();
         }
     }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&self) {
+        if let Some(mut process) = lock(&self.process).take() {
+            process.kill();
+        }
+    }
+
+    /// Its log file (stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
 }
 
 impl Drop for ExtensionServer {
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
+        self.kubelet = None;
     }
 }
 
@@ -206,7 +238,7 @@ fn apiservice_name(spec: &ApiServiceSpec) -> String {
     format!("{}.{}", spec.version, spec.group)
 }
 
-fn server_binary(cluster: &Cluster, kind: ExtensionServerKind) -> &std::path::Path {
+fn server_binary(cluster: &Cluster, kind: ExtensionServerKind) -> &Path {
     match kind {
         ExtensionServerKind::MetricsServer => &cluster.binaries().metrics_server,
         ExtensionServerKind::SampleApiserver => &cluster.binaries().sample_apiserver,
@@ -245,9 +277,13 @@ fn args(cluster: &Cluster, kind: ExtensionServerKind, identity: &User, serving: 
     match kind {
         ExtensionServerKind::MetricsServer => flags.extend([
             ("cert-dir", cluster.dir().join("metrics-server").display().to_string()),
+            // The stand-in kubelet: self-signed as far as metrics-server knows, on the port
+            // its Node's status announces.
             ("kubelet-insecure-tls", "true".into()),
+            ("kubelet-use-node-status-port", "true".into()),
             ("kubelet-preferred-address-types", "InternalIP".into()),
-            ("metric-resolution", "15s".into()),
+            // The shortest allowed: CPU usage needs two scrapes.
+            ("metric-resolution", "10s".into()),
         ]),
         ExtensionServerKind::SampleApiserver => flags.extend([
             ("etcd-servers", cluster.etcd_url().to_owned()),

@@ -11,7 +11,7 @@
 //! and the watchdog decides when its child goes.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,18 +20,25 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The watchdog: runs "$@" with fd 3 as the lifeline; EOF on it ends the child.
+/// The watchdog: runs "$@" with fd 3 as the lifeline. A `stop` line on it asks for a
+/// graceful stop (SIGTERM, SIGKILL after ten seconds); EOF without one means this test
+/// binary is gone or gave up on the process, so the child is killed at once.
 const WATCHDOG: &str = r#"
 exec 3<&0 0</dev/null
 "$@" 3<&- &
 child=$!
 {
-	while read -r -u 3 _; do :; done
-	kill -TERM "$child" 2>/dev/null
-	for ((i = 0; i < 100; i++)); do
-		kill -0 "$child" 2>/dev/null || exit 0
-		sleep 0.1
+	line=
+	while read -r -u 3 line; do
+		[[ $line == stop ]] && break
 	done
+	if [[ $line == stop ]]; then
+		kill -TERM "$child" 2>/dev/null
+		for ((i = 0; i < 100; i++)); do
+			kill -0 "$child" 2>/dev/null || exit 0
+			sleep 0.1
+		done
+	fi
 	kill -KILL "$child" 2>/dev/null
 } &
 watcher=$!
@@ -133,8 +140,22 @@ impl Process {
         self.exit
     }
 
-    /// Ends the process (SIGTERM, then SIGKILL after a grace period) and waits for it.
+    /// Ends the process gracefully (SIGTERM, then SIGKILL after ten seconds) and waits.
     pub fn stop(&mut self) {
+        if let Some(mut lifeline) = self.lifeline.take() {
+            // A broken pipe means the watchdog is already gone; waiting below still reaps it.
+            let _ = lifeline.write_all(b"stop\n");
+        }
+        self.wait_for_exit();
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would end it, and waits.
+    pub fn kill(&mut self) {
+        self.lifeline = None;
+        self.wait_for_exit();
+    }
+
+    fn wait_for_exit(&mut self) {
         self.lifeline = None;
         let deadline = Instant::now() + STOP_DEADLINE;
         while self.exit_status().is_none() {
@@ -150,8 +171,9 @@ impl Process {
 }
 
 impl Drop for Process {
+    /// Test processes hold nothing worth a graceful shutdown: kill, for a fast teardown.
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
     }
 }
 

@@ -1,0 +1,62 @@
+//! Legacy discovery: building `/apis` (APIGroupList) from the routing table and serializing it
+//! to JSON, at 1,000 groups (half of them with two versions), as the `/apis` handler does.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kube_aggregation_proxy::apiservice::{ApiService, ServiceReference};
+use kube_aggregation_proxy::discovery::api_group_list;
+use kube_aggregation_proxy::proxy::client::ClientCache;
+use kube_aggregation_proxy::routing::{RoutingTable, StaticResolver};
+
+const GROUPS: usize = 1_000;
+
+fn table() -> RoutingTable {
+    let service = ServiceReference {
+        namespace: "bench".into(),
+        name: "backend".into(),
+        port: 443,
+        ca_bundle: Arc::from(&b""[..]),
+        insecure_skip_tls_verify: true,
+    };
+    let apiservices = (0..GROUPS)
+        .flat_map(|g| {
+            let versions: &[&str] = if g % 2 == 0 { &["v1", "v1beta1"] } else { &["v1"] };
+            let service = service.clone();
+            versions.iter().enumerate().map(move |(i, version)| {
+                let group = format!("group{g}.bench.example.com");
+                ApiService {
+                    name: format!("{version}.{group}").into(),
+                    group: group.into(),
+                    version: (*version).into(),
+                    group_priority_minimum: 1000 + (g % 97) as i32,
+                    version_priority: 20 - i as i32,
+                    service: Some(service.clone()),
+                }
+            })
+        })
+        .collect();
+    RoutingTable::build(apiservices, &StaticResolver::default(), &ClientCache::default())
+}
+
+fn discovery(c: &mut Criterion) {
+    let table = table();
+    let mut group = c.benchmark_group("discovery");
+    group.bench_function("api_group_list_1000_groups", |b| b.iter(|| api_group_list(black_box(&table))));
+    group.bench_function("api_group_list_json_1000_groups", |b| {
+        b.iter(|| serde_json::to_vec(&api_group_list(black_box(&table))).map(|v| v.len()))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = discovery
+}
+criterion_main!(benches);

@@ -1,0 +1,466 @@
+#!/usr/bin/env bash
+# The side-by-side load benchmark (issue 6), on loopback only:
+#
+#   direct      h2load -> backend                          (the limit)
+#   proxy       h2load -> kube-aggregation-proxy -> backend (token auth, identity headers)
+#   nginx       h2load -> nginx (plain TLS reverse proxy) -> backend
+#   kube        h2load -> kube-apiserver's aggregator -> backend (AlwaysAllow, token auth)
+#
+# for HTTP/1.1 and HTTP/2 at concurrency 1, 16 and 64, interleaved, with a bearer token on
+# every request; then APIService churn under load, and the proxy with 10,000 APIServices.
+# The backend is benches/backend.rs (constant small JSON over TLS). Results, raw h2load
+# output and the latency plot go to $OUT (default target/load-bench/<time>): report.md and
+# latency.png. Every process started here is stopped on exit.
+#
+# Usage: benches/load.sh            (about 7 minutes on 2 cores, plus the build)
+# Knobs (environment): DURATION=5 (seconds per measurement), WARMUP=1, ROUNDS=1,
+#   CONCURRENCY="1 16 64", PROTOCOLS="h1 h2", SETUPS="direct proxy nginx kube",
+#   CHURN_SECONDS=30, CHURN_RATE=100 (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
+#   KUBE_BIN_DIR=~/.cache/kube-aggregation-proxy/bin (etcd-*, kube-apiserver-* from
+#   tests/e2e/k8s/build.sh; without them the kube column is skipped), OUT=dir, KEEP=1 (keep
+#   the work dir).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-1}
+CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+PROTOCOLS=${PROTOCOLS:-"h1 h2"}
+SETUPS=${SETUPS:-"direct proxy nginx kube"}
+CHURN_SECONDS=${CHURN_SECONDS:-30}
+CHURN_RATE=${CHURN_RATE:-100}
+CHURN_RPS=${CHURN_RPS:-2000}
+SCALE_APISERVICES=${SCALE_APISERVICES:-10000}
+KUBE_BIN_DIR=${KUBE_BIN_DIR:-$HOME/.cache/kube-aggregation-proxy/bin}
+OUT=${OUT:-$ROOT/target/load-bench/$(date +%Y%m%d-%H%M%S)}
+TOKEN=bench-token-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
+RESOURCE_PATH=/apis/bench.example.com/v1/namespaces/default/things/thing-1
+
+log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools: h2load (nghttp2-client), nginx, python3 with matplotlib; installed when missing.
+need_apt=()
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing ${need_apt[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian's postinst may start the packaged nginx service; stop it so it holds no port.
+    if [[ " ${need_apt[*]} " == *" nginx "* ]] && command -v service >/dev/null; then
+        service nginx stop >/dev/null 2>&1 || true
+    fi
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+command -v python3 >/dev/null || die "python3 is required"
+python3 -c 'import matplotlib' 2>/dev/null || {
+    log "installing matplotlib with pip"
+    python3 -m pip install -q matplotlib
+}
+command -v openssl >/dev/null || die "openssl is required"
+command -v curl >/dev/null || die "curl is required"
+
+# ---------------------------------------------------------------------------------------------
+# Build: the proxy and the bench backend, release profile.
+log "building release binaries"
+(cd "$ROOT" && cargo build --release --locked --bin kube-aggregation-proxy)
+BACKEND=$(cd "$ROOT" && cargo bench --locked --no-run --bench backend --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "backend" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$BACKEND" ] || die "backend binary not built"
+PROXY="$ROOT/target/release/kube-aggregation-proxy"
+
+# ---------------------------------------------------------------------------------------------
+# Process bookkeeping: every process started is stopped on exit, by pid.
+WORK=$(mktemp -d /tmp/kap-load-XXXXXX)
+mkdir -p "$OUT/raw"
+declare -a PIDS=()
+cleanup() {
+    local pid
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${PIDS[$i]}
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else log "work dir kept: $WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every 0.2 s under a deadline.
+wait_for() {
+    local seconds=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "timed out after ${seconds}s waiting for $what"
+        sleep 0.2
+    done
+}
+
+cpu_ticks() { # utime + stime of the pids given, in clock ticks
+    local total=0 pid
+    for pid in "$@"; do
+        total=$((total + $(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+    done
+    echo $total
+}
+status_kb() { # sum of a /proc/<pid>/status field (VmHWM, VmRSS) over the pids given, in kB
+    local field=$1 total=0 pid
+    shift
+    for pid in "$@"; do total=$((total + $(awk -v f="$field:" '$1 == f {print $2}' "/proc/$pid/status"))); done
+    echo $total
+}
+reset_peak() { local pid; for pid in "$@"; do echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; done; }
+with_children() { echo "$1" $(ps -o pid= --ppid "$1"); }
+
+# ---------------------------------------------------------------------------------------------
+# PKI: one CA; serving certificates for the backend (its in-cluster name too), the proxy,
+# nginx and kube-apiserver; a front-proxy client certificate; a service-account key.
+log "work dir $WORK"
+cd "$WORK"
+ec_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out "$1" 2>/dev/null; }
+ec_key ca.key
+openssl req -x509 -new -key ca.key -out ca.crt -days 2 -subj /CN=load-bench-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+issue() { # NAME CN SANS EKU
+    ec_key "$1.key"
+    openssl req -new -key "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n%s\n' "$4" \
+        "${3:+subjectAltName=$3}" >"$1.ext"
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -out "$1.crt" \
+        -extfile "$1.ext" 2>/dev/null
+}
+issue backend bench-backend "DNS:bench-backend.bench.svc,DNS:decoy.bench.svc,DNS:localhost,IP:127.0.0.1" serverAuth
+issue serving localhost "DNS:localhost,IP:127.0.0.1" serverAuth
+issue proxy-client front-proxy-client "" clientAuth
+openssl genrsa -out sa.key 2048 2>/dev/null
+openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+CA_B64=$(base64 -w0 ca.crt)
+printf '%s,bench,1000,"system:masters"\n' "$TOKEN" >tokens.csv
+
+# ---------------------------------------------------------------------------------------------
+# The backend, and a decoy that answers 300 to everything (what churned APIServices point at).
+BACKEND_PORT=$(free_port)
+DECOY_PORT=$(free_port)
+"$BACKEND" --listen "127.0.0.1:$BACKEND_PORT" --tls-cert-file backend.crt --tls-private-key-file backend.key \
+    >backend.log 2>&1 &
+BACKEND_PID=$!
+PIDS+=("$BACKEND_PID")
+"$BACKEND" --listen "127.0.0.1:$DECOY_PORT" --tls-cert-file backend.crt --tls-private-key-file backend.key \
+    --status 300 >decoy.log 2>&1 &
+PIDS+=($!)
+
+apiservice_yaml() { # NAME GROUP VERSION SERVICE GPM VP
+    printf -- '---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: %s\nspec:\n  group: %s\n  version: %s\n  groupPriorityMinimum: %s\n  versionPriority: %s\n  service:\n    namespace: bench\n    name: %s\n    port: 443\n  caBundle: %s\n' \
+        "$1" "$2" "$3" "$5" "$6" "$4" "$CA_B64"
+}
+
+# proxy_config DIR PORT: a `serve` config for a proxy reading DIR.
+proxy_config() {
+    cat <<EOF
+source: files
+apiservices-dir: $1
+services:
+  bench/bench-backend:443: 127.0.0.1:$BACKEND_PORT
+  bench/decoy:443: 127.0.0.1:$DECOY_PORT
+bind-address: 127.0.0.1
+secure-port: $2
+tls-cert-file: $WORK/serving.crt
+tls-private-key-file: $WORK/serving.key
+token-auth-file: $WORK/tokens.csv
+proxy-client-cert-file: $WORK/proxy-client.crt
+proxy-client-key-file: $WORK/proxy-client.key
+EOF
+}
+
+start_proxy() { # NAME DIR PORT -> sets STARTED_PID
+    proxy_config "$2" "$3" >"$1.yaml"
+    RUST_LOG=warn "$PROXY" serve --config "$1.yaml" >"$1.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+curl_ok() { # URL: a 200 with the token
+    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --cacert "$WORK/ca.crt" \
+        -H "Authorization: Bearer $TOKEN" "$1")" = 200 ]
+}
+
+mkdir -p apiservices
+apiservice_yaml v1.bench.example.com bench.example.com v1 bench-backend 1000 15 >apiservices/bench.yaml
+PROXY_PORT=$(free_port)
+start_proxy proxy "$WORK/apiservices" "$PROXY_PORT"
+PROXY_PID=$STARTED_PID
+
+# ---------------------------------------------------------------------------------------------
+# nginx: a plain TLS reverse proxy for the same path, verifying the backend like the others;
+# one worker per core (as the proxy has one tokio worker per core), upstream keep-alive.
+NGINX_PORT=$(free_port)
+mkdir -p nginx/tmp
+cat >nginx/nginx.conf <<EOF
+worker_processes auto;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp/body;
+    proxy_temp_path $WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $WORK/nginx/tmp/scgi;
+    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl http2;
+        ssl_certificate $WORK/serving.crt;
+        ssl_certificate_key $WORK/serving.key;
+        http2_max_concurrent_streams 1000;
+        keepalive_requests 1000000;
+        location /apis/bench.example.com/ {
+            proxy_pass https://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_server_name on;
+            proxy_ssl_name bench-backend.bench.svc;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $WORK/ca.crt;
+            proxy_ssl_session_reuse on;
+        }
+    }
+}
+EOF
+"$NGINX" -p "$WORK/nginx" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf" >nginx/stdout.log 2>&1 &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+
+# ---------------------------------------------------------------------------------------------
+# kube-apiserver (with etcd) from the real-cluster harness's binaries, when present.
+ETCD_BIN=$(ls "$KUBE_BIN_DIR"/etcd-* 2>/dev/null | sort | tail -1 || true)
+KUBE_BIN=$(ls "$KUBE_BIN_DIR"/kube-apiserver-* 2>/dev/null | sort | tail -1 || true)
+KUBE_PID=
+if [[ " $SETUPS " == *" kube "* ]]; then
+    if [ -x "$ETCD_BIN" ] && [ -x "$KUBE_BIN" ]; then
+        ETCD_PORT=$(free_port)
+        ETCD_PEER_PORT=$(free_port)
+        "$ETCD_BIN" --name default --data-dir "$WORK/etcd" \
+            --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+            --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+            --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+            --initial-cluster "default=http://127.0.0.1:$ETCD_PEER_PORT" \
+            --unsafe-no-fsync --log-level warn >etcd.log 2>&1 &
+        PIDS+=($!)
+        wait_for 30 etcd bash -c "echo >/dev/tcp/127.0.0.1/$ETCD_PORT"
+        KUBE_PORT=$(free_port)
+        # AlwaysAllow so it does comparable work (no RBAC); the token's user is in
+        # system:masters, which priority-and-fairness exempts from queueing.
+        "$KUBE_BIN" --etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address 127.0.0.1 \
+            --advertise-address 127.0.0.1 --secure-port "$KUBE_PORT" --endpoint-reconciler-type none \
+            --cert-dir "$WORK/kube-certs" --tls-cert-file serving.crt --tls-private-key-file serving.key \
+            --token-auth-file tokens.csv --authorization-mode AlwaysAllow \
+            --proxy-client-cert-file proxy-client.crt --proxy-client-key-file proxy-client.key \
+            --service-account-issuer https://kubernetes.default.svc --service-account-key-file sa.pub \
+            --service-account-signing-key-file sa.key --service-cluster-ip-range 10.0.0.0/24 \
+            --disable-admission-plugins ServiceAccount >kube-apiserver.log 2>&1 &
+        KUBE_PID=$!
+        PIDS+=("$KUBE_PID")
+        KUBE="https://127.0.0.1:$KUBE_PORT"
+        wait_for 180 "kube-apiserver /readyz" curl_ok "$KUBE/readyz"
+        kpost() {
+            curl -sf -o /dev/null --max-time 10 --cacert ca.crt -H "Authorization: Bearer $TOKEN" \
+                -H 'Content-Type: application/json' -X POST "$KUBE$1" -d "$2"
+        }
+        # The backend as a Service of type ExternalName pointing at localhost, as the e2e
+        # harness registers extension servers: kube-aggregator dials localhost:<service port>.
+        kpost /api/v1/namespaces '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"bench"}}'
+        kpost /api/v1/namespaces/bench/services "{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{\"name\":\"bench-backend\"},\"spec\":{\"type\":\"ExternalName\",\"externalName\":\"localhost\",\"ports\":[{\"name\":\"https\",\"port\":$BACKEND_PORT}]}}"
+        kpost /apis/apiregistration.k8s.io/v1/apiservices "{\"apiVersion\":\"apiregistration.k8s.io/v1\",\"kind\":\"APIService\",\"metadata\":{\"name\":\"v1.bench.example.com\"},\"spec\":{\"group\":\"bench.example.com\",\"version\":\"v1\",\"groupPriorityMinimum\":1000,\"versionPriority\":15,\"service\":{\"namespace\":\"bench\",\"name\":\"bench-backend\",\"port\":$BACKEND_PORT},\"caBundle\":\"$CA_B64\"}}"
+        wait_for 120 "kube-apiserver to route to the backend" curl_ok "$KUBE$RESOURCE_PATH"
+    else
+        # TODO(issue 6): the kube-apiserver column needs the real-cluster harness binaries
+        # (tests/e2e/k8s/build.sh caches them under $KUBE_BIN_DIR); skipped without them.
+        log "TODO: no etcd/kube-apiserver binaries in $KUBE_BIN_DIR; the kube column is skipped"
+        SETUPS=${SETUPS/kube/}
+    fi
+else
+    SETUPS=${SETUPS/kube/}
+fi
+
+declare -A URL=(
+    [direct]="https://127.0.0.1:$BACKEND_PORT$RESOURCE_PATH"
+    [proxy]="https://127.0.0.1:$PROXY_PORT$RESOURCE_PATH"
+    [nginx]="https://127.0.0.1:$NGINX_PORT$RESOURCE_PATH"
+    [kube]="${KUBE:-}$RESOURCE_PATH"
+)
+for setup in $SETUPS; do
+    wait_for 30 "$setup to answer 200" curl_ok "${URL[$setup]}"
+done
+# The processes whose CPU and memory a setup costs (direct: the backend itself).
+target_pids() {
+    case $1 in
+        direct) echo "$BACKEND_PID" ;;
+        proxy) echo "$PROXY_PID" ;;
+        nginx) with_children "$NGINX_PID" ;;
+        kube) echo "$KUBE_PID" ;;
+        scale) echo "$SCALE_PID" ;;
+    esac
+}
+IDLE_RSS_KB=$(status_kb VmRSS "$PROXY_PID")
+
+# ---------------------------------------------------------------------------------------------
+# One measurement: a warm-up run, then the measured run bracketed by CPU and peak-RSS reads.
+# h2load: HTTP/1.1 uses C connections; HTTP/2 uses ceil(C/16) connections with C streams in
+# all (a few multiplexing clients, as client-go does).
+h2load_args() { # PROTO C
+    local conns streams
+    if [ "$1" = h1 ]; then
+        echo "--h1 -c $2 -m 1"
+    else
+        conns=$((($2 + 15) / 16))
+        streams=$(($2 / conns))
+        echo "-c $conns -m $streams"
+    fi
+}
+echo -e "name\tsetup\tproto\tconcurrency\tround\ttarget_cpu_ticks\tbackend_cpu_ticks\tpeak_rss_kb\tclk_tck" \
+    >"$OUT/runs.tsv"
+CLK_TCK=$(getconf CLK_TCK)
+measure() { # NAME SETUP PROTO C ROUND [extra h2load args...]
+    local name=$1 setup=$2 proto=$3 c=$4 round=$5
+    shift 5
+    local url=${URL[$setup]} pids cpu0 cpu1 b0 b1 hwm
+    # shellcheck disable=SC2046
+    timeout $((WARMUP + 30)) h2load -t 1 $(h2load_args "$proto" "$c") -H "Authorization: Bearer $TOKEN" \
+        -D "$WARMUP" "$@" "$url" >/dev/null 2>&1 || true
+    pids=$(target_pids "$setup")
+    # shellcheck disable=SC2086
+    reset_peak $pids
+    # shellcheck disable=SC2086
+    cpu0=$(cpu_ticks $pids)
+    b0=$(cpu_ticks "$BACKEND_PID")
+    # shellcheck disable=SC2046
+    timeout $((DURATION + 30)) h2load -t 1 $(h2load_args "$proto" "$c") -H "Authorization: Bearer $TOKEN" \
+        -D "$DURATION" --log-file="$OUT/raw/$name.log" "$@" "$url" >"$OUT/raw/$name.out" 2>&1 || true
+    # shellcheck disable=SC2086
+    cpu1=$(cpu_ticks $pids)
+    b1=$(cpu_ticks "$BACKEND_PID")
+    # shellcheck disable=SC2086
+    hwm=$(status_kb VmHWM $pids)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$setup" "$proto" "$c" "$round" \
+        $((cpu1 - cpu0)) $((b1 - b0)) "$hwm" "$CLK_TCK" >>"$OUT/runs.tsv"
+    log "$name: $(grep -m1 '^finished' "$OUT/raw/$name.out" || echo 'no result')"
+}
+
+log "load average before measuring: $(cut -d' ' -f1-3 /proc/loadavg)"
+cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-start"
+for round in $(seq "$ROUNDS"); do
+    for proto in $PROTOCOLS; do
+        for c in $CONCURRENCY; do
+            for setup in $SETUPS; do
+                measure "$setup-$proto-c$c-r$round" "$setup" "$proto" "$c" "$round"
+            done
+        done
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Churn: steady HTTP/2 load at a fixed rate through the proxy, first without changes, then
+# with CHURN_RATE APIService changes a second (adds, updates, deletes of other groups, whose
+# APIServices point at the decoy: a request it answers comes back 3xx and counts as misrouted).
+if [ "$CHURN_SECONDS" -gt 0 ]; then
+    mkdir -p churn-staging
+    python3 "$ROOT/benches/load/churn.py" --dir "$WORK/apiservices" --staging "$WORK/churn-staging" \
+        --ca-b64 "$CA_B64" --prepare 100 --rate 0 --seconds 0 >/dev/null
+    metric() { curl -s --max-time 5 --cacert ca.crt -H "Authorization: Bearer $TOKEN" \
+        "https://127.0.0.1:$PROXY_PORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+    wait_for 10 "the churn baseline table" bash -c \
+        "[ \"\$(curl -s --cacert ca.crt -H 'Authorization: Bearer $TOKEN' https://127.0.0.1:$PROXY_PORT/metrics |
+            awk '\$1 == \"aggregator_routing_table_apiservices\" {print \$2}')\" = 101 ]"
+    # 4 connections x 4 streams, each connection paced at CHURN_RPS/4 requests a second.
+    rps_per_conn=$((CHURN_RPS / 4))
+    churn_h2load() { # NAME
+        local cpu0 cpu1
+        cpu0=$(cpu_ticks "$PROXY_PID")
+        timeout $((CHURN_SECONDS + 30)) h2load -t 1 -c 4 -m 4 --rps "$rps_per_conn" \
+            -H "Authorization: Bearer $TOKEN" -D "$CHURN_SECONDS" --log-file="$OUT/raw/$1.log" \
+            "${URL[proxy]}" >"$OUT/raw/$1.out" 2>&1 || true
+        cpu1=$(cpu_ticks "$PROXY_PID")
+        printf '%s\tproxy\th2\t16\t0\t%s\t0\t%s\t%s\n' "$1" $((cpu1 - cpu0)) \
+            "$(status_kb VmHWM "$PROXY_PID")" "$CLK_TCK" >>"$OUT/runs.tsv"
+        log "$1: $(grep -m1 '^finished' "$OUT/raw/$1.out" || echo 'no result')"
+    }
+    log "churn: baseline ${CHURN_SECONDS}s at $CHURN_RPS req/s"
+    churn_h2load churn-baseline
+    rebuilds0=$(metric aggregator_routing_table_rebuilds_total)
+    log "churn: ${CHURN_SECONDS}s at $CHURN_RPS req/s with $CHURN_RATE APIService changes/s"
+    python3 "$ROOT/benches/load/churn.py" --dir "$WORK/apiservices" --staging "$WORK/churn-staging" \
+        --ca-b64 "$CA_B64" --rate "$CHURN_RATE" --seconds "$CHURN_SECONDS" >"$OUT/churn.json" &
+    churn_pid=$!
+    PIDS+=("$churn_pid")
+    churn_h2load churn-under-changes
+    wait "$churn_pid" || true
+    rebuilds1=$(metric aggregator_routing_table_rebuilds_total)
+    echo "{\"rebuilds\": $((${rebuilds1%.*} - ${rebuilds0%.*}))}" >"$OUT/churn-rebuilds.json"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Scale: a second proxy with SCALE_APISERVICES APIServices (100 per file), plus the bench one.
+if [ "$SCALE_APISERVICES" -gt 0 ]; then
+    mkdir -p scale
+    python3 "$ROOT/benches/load/churn.py" --dir "$WORK/scale" --staging "$WORK/churn-staging" \
+        --ca-b64 "$CA_B64" --bulk "$SCALE_APISERVICES" >/dev/null
+    cp apiservices/bench.yaml scale/
+    SCALE_PORT=$(free_port)
+    started=$(date +%s.%N)
+    start_proxy proxy-scale "$WORK/scale" "$SCALE_PORT"
+    SCALE_PID=$STARTED_PID
+    wait_for 120 "the 10,000-APIService proxy to be ready" curl_ok "https://127.0.0.1:$SCALE_PORT/readyz"
+    ready=$(date +%s.%N)
+    scale_metrics=$(curl -s --max-time 5 --cacert ca.crt -H "Authorization: Bearer $TOKEN" \
+        "https://127.0.0.1:$SCALE_PORT/metrics")
+    {
+        echo "apiservices_loaded $(awk '$1 == "aggregator_routing_table_apiservices" {print $2}' <<<"$scale_metrics")"
+        echo "build_seconds_sum $(awk '$1 == "aggregator_routing_table_build_duration_seconds_sum" {print $2}' <<<"$scale_metrics")"
+        echo "build_count $(awk '$1 == "aggregator_routing_table_build_duration_seconds_count" {print $2}' <<<"$scale_metrics")"
+        echo "ready_seconds $(python3 -c "print(round($ready - $started, 3))")"
+        echo "rss_kb $(status_kb VmRSS "$SCALE_PID")"
+        echo "hwm_kb $(status_kb VmHWM "$SCALE_PID")"
+        echo "idle_rss_kb_one_apiservice $IDLE_RSS_KB"
+    } >"$OUT/scale.txt"
+    URL[scale]="https://127.0.0.1:$SCALE_PORT$RESOURCE_PATH"
+    # The same load against both proxies, back to back: per-request cost at 10,000 APIServices.
+    measure scale-h2-c16 scale h2 16 0
+    measure scale-reference-h2-c16 proxy h2 16 0
+    echo "rss_kb_after_load $(status_kb VmRSS "$SCALE_PID")" >>"$OUT/scale.txt"
+fi
+
+# ---------------------------------------------------------------------------------------------
+cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-end"
+{
+    echo "command: benches/load.sh (DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS CONCURRENCY=\"$CONCURRENCY\" PROTOCOLS=\"$PROTOCOLS\" SETUPS=\"$SETUPS\" CHURN_SECONDS=$CHURN_SECONDS CHURN_RATE=$CHURN_RATE CHURN_RPS=$CHURN_RPS SCALE_APISERVICES=$SCALE_APISERVICES)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "kernel: $(uname -r)"
+    echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
+    echo "h2load: $(h2load --version | head -1)"
+    echo "nginx: $("$NGINX" -v 2>&1 | cut -d/ -f2)"
+    echo "kube-apiserver: $(basename "${KUBE_BIN:-none}")"
+    echo "rustc: $(rustc --version)"
+    echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- src || echo ' + uncommitted src changes')"
+    echo "load average: start $(cat "$OUT/loadavg-start"), end $(cat "$OUT/loadavg-end")"
+} >"$OUT/machine.txt"
+python3 "$ROOT/benches/load/report.py" "$OUT"
+log "report: $OUT/report.md, plot: $OUT/latency.png"

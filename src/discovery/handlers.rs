@@ -1,0 +1,65 @@
+//! Answering `/apis` (aggregated), `/openapi/v2`, `/openapi/v3` and `/openapi/v3/<path>` from
+//! the published documents: a pointer load and a header comparison, never a backend request.
+
+use axum::body::Body;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode, Uri};
+
+use super::aggregated::{negotiate, Negotiated};
+use super::fetcher::DiscoveryDocuments;
+use crate::status::RequestError;
+
+/// `/apis` when the client asked for `APIGroupDiscoveryList`; `None` when it asked for the
+/// legacy `APIGroupList`, which the caller builds from the routing table.
+pub fn aggregated(documents: &DiscoveryDocuments, headers: &HeaderMap) -> Option<Response<Body>> {
+    match negotiate(headers) {
+        Negotiated::AggregatedV2 => Some(documents.aggregated().respond(headers)),
+        Negotiated::Legacy => None,
+    }
+}
+
+/// `/openapi/v2`: the merged Swagger document (JSON only).
+pub fn openapi_v2(documents: &DiscoveryDocuments, headers: &HeaderMap) -> Response<Body> {
+    documents.openapi_v2().respond_with_cache_control(headers, HeaderValue::from_static("no-cache, private"))
+}
+
+/// `/openapi/v3`: the index of group-version documents.
+pub fn openapi_v3_root(documents: &DiscoveryDocuments, headers: &HeaderMap) -> Response<Body> {
+    documents.openapi_v3().root.respond_with_cache_control(headers, HeaderValue::from_static("no-cache, private"))
+}
+
+/// `/openapi/v3/<path>`: a backend's document from the cache. As kube-openapi does, a request
+/// carrying the current `?hash=` may be cached forever, and one with an outdated hash is
+/// redirected to the current URL.
+pub fn openapi_v3_document(
+    documents: &DiscoveryDocuments,
+    path: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let index = documents.openapi_v3();
+    let Some(document) = index.document(path) else {
+        return RequestError::NotFound(format!("no OpenAPI v3 document for {path:?}")).into_response();
+    };
+    let requested_hash = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("hash="))
+        .filter(|h| !h.is_empty());
+    match requested_hash {
+        Some(hash) if hash == document.hash() => {
+            document.respond_with_cache_control(headers, HeaderValue::from_static("public, immutable"))
+        }
+        Some(_) => {
+            let location = format!("{}?hash={}", uri.path(), document.hash());
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+            if let Ok(location) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+        None => document.respond_with_cache_control(headers, HeaderValue::from_static("no-cache, private")),
+    }
+}
