@@ -16,6 +16,7 @@ use crate::auth::requestheader::RequestHeaderAuthenticator;
 use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::x509::ClientCertAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
+use crate::availability::Availability;
 use crate::config::{Config, Delegate, Source};
 use crate::discovery::{DelegateDiscovery, DiscoveryDocuments, Fetcher, FetcherSettings};
 use crate::metrics::Metrics;
@@ -230,6 +231,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         }
         None => None,
     };
+    let probe_settings = client_settings.clone();
     let clients = Arc::new(ClientCache::new(client_settings));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let rejections: SharedRejections = Arc::default();
@@ -257,6 +259,9 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         }
     }
     tasks.spawn(writer::run(snapshots_rx, table.clone(), clients, ready_tx, metrics.clone()));
+    // Our own availability view: probes each remote APIService as kube-aggregator does.
+    let availability = Arc::new(Availability::default());
+    tasks.spawn(crate::availability::run(table.clone(), probe_settings, availability.clone(), metrics.clone()));
     // Discovery and OpenAPI are fetched from the backends in the background and served from
     // memory; cluster mode sends kube-apiserver's own documents on `delegate_discovery`.
     let (delegate_discovery, delegate_discovery_rx) = watch::channel(Arc::new(DelegateDiscovery::default()));
@@ -273,6 +278,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         ready: ready.clone(),
         rejections,
         discovery: discovery.clone(),
+        availability,
     };
     let gateway = Arc::new(Gateway {
         table: table.clone(),

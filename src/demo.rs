@@ -161,6 +161,9 @@ impl Demo {
             .map_err(|e| DemoError::Config(e.to_string()))?;
         let proxy = app::start(config).await?;
         proxy.ready().await;
+        // Discovery and OpenAPI are fetched in the background; wait for the first round so
+        // `kubectl api-resources` and `kubectl explain` see the sample's groups at once.
+        proxy.discovery().synced().await;
         let kubeconfig_path = dir.join("kubeconfig");
         let server = format!("https://{}", proxy.local_addr());
         pki::write_file(&kubeconfig_path, &kubeconfig(&server, serving_ca.cert_pem(), &admin), true)?;

@@ -20,6 +20,8 @@
 pub mod apiservice;
 pub mod app;
 pub mod auth;
+pub mod availability;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod discovery;

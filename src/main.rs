@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kube_aggregation_proxy::config::Settings;
-use kube_aggregation_proxy::{app, demo};
+use kube_aggregation_proxy::config::{Config, ConfigError, Settings};
+use kube_aggregation_proxy::{app, check, demo};
 
 /// EX_USAGE: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 64;
@@ -28,6 +28,18 @@ enum Command {
         #[command(flatten)]
         settings: Box<Settings>,
     },
+    /// Check each APIService the way the proxy reaches it and say which step fails and why.
+    /// Exits 0 when every APIService is available, 1 otherwise.
+    Check {
+        /// Only this APIService (e.g. v1beta1.metrics.k8s.io).
+        #[arg(long)]
+        apiservice: Option<String>,
+        /// YAML config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
     /// Start the sample extension server and the proxy on loopback with a throwaway PKI, and
     /// write DIR/kubeconfig for kubectl.
     Demo {
@@ -38,6 +50,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+}
+
+/// The config file (if any) overridden by flags, validated.
+fn load(file: Option<PathBuf>, flags: &Settings) -> Result<Config, ConfigError> {
+    let base = file.as_deref().map(Settings::from_file).transpose()?.unwrap_or_default();
+    base.merged_with(flags)?.validate()
 }
 
 fn init_tracing() {
@@ -70,12 +88,31 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     init_tracing();
     match Cli::parse().command {
-        Command::Serve { config, settings } => {
-            let settings = match config.as_deref().map(Settings::from_file).transpose() {
-                Ok(file) => file.unwrap_or_default().merged_with(&settings),
-                Err(e) => Err(e),
+        Command::Check { apiservice, config, settings } => {
+            let config = match load(config, &settings) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
             };
-            let config = match settings.and_then(Settings::validate) {
+            match check::run(&config, apiservice.as_deref()).await {
+                Ok(outcome) => {
+                    print!("{}", check::render(&outcome));
+                    if outcome.all_available() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("check: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve { config, settings } => {
+            let config = match load(config, &settings) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");

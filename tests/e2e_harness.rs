@@ -104,11 +104,31 @@ fn node_metrics_are_served_through_the_aggregator() {
             .cloned())
     })
     .expect("metrics-server reports the node");
-    assert_eq!(node["usage"]["memory"], format!("{}Ki", FAKE_NODE_MEMORY_BYTES / 1024), "{node}");
-    let cpu = node["usage"]["cpu"].as_str().expect("cpu usage");
-    let nanocores: f64 = cpu.strip_suffix('n').expect("cpu in nanocores").parse().expect("a number");
-    let cores = nanocores / 1e9;
-    assert!((cores - FAKE_NODE_CPU_CORES).abs() < 0.05, "expected about {FAKE_NODE_CPU_CORES} cores, got {cpu}");
+    let memory = quantity(&node["usage"]["memory"]);
+    assert_eq!(memory, FAKE_NODE_MEMORY_BYTES as f64, "{node}");
+    let cores = quantity(&node["usage"]["cpu"]);
+    assert!((cores - FAKE_NODE_CPU_CORES).abs() < 0.05, "expected about {FAKE_NODE_CPU_CORES} cores: {node}");
+}
+
+/// A Kubernetes quantity (`500m`, `499871234n`, `512Mi`, `3`) as a number.
+fn quantity(value: &serde_json::Value) -> f64 {
+    let text = value.as_str().expect("a quantity string");
+    let suffixes = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+    ];
+    let (number, scale) = suffixes
+        .iter()
+        .find_map(|(suffix, scale)| text.strip_suffix(suffix).map(|n| (n, *scale)))
+        .unwrap_or((text, 1.0));
+    number.parse::<f64>().expect("a number") * scale
 }
 
 #[test]

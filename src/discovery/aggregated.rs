@@ -387,6 +387,20 @@ pub fn negotiate(headers: &HeaderMap) -> Negotiated {
     Negotiated::Legacy
 }
 
+/// Whether `Accept` admits plain JSON (`application/json`, `application/*` or `*/*` with a
+/// non-zero `q`); no `Accept` at all admits anything.
+pub fn accepts_json(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(ACCEPT).iter().peekable();
+    if values.peek().is_none() {
+        return true;
+    }
+    values
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(MediaRange::parse)
+        .any(|r| r.q > 0.0 && r.as_kind.is_none() && r.serves_json())
+}
+
 /// One parsed media range of an `Accept` or `Content-Type` value.
 #[derive(Debug, Clone, PartialEq)]
 struct MediaRange<'a> {
@@ -660,6 +674,20 @@ mod tests {
         assert_eq!(accept(&format!("{CONTENT_TYPE_AGGREGATED_V2};q=0")), Legacy);
         assert_eq!(accept(&format!("application/json;q=0.5,{CONTENT_TYPE_AGGREGATED_V2};q=0.9")), AggregatedV2);
         assert_eq!(negotiate(&HeaderMap::new()), Legacy);
+    }
+
+    #[test]
+    fn json_is_acceptable_unless_only_other_types_are_named() {
+        let accepts = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(ACCEPT, HeaderValue::from_str(v).unwrap());
+            accepts_json(&h)
+        };
+        assert!(accepts_json(&HeaderMap::new()));
+        assert!(accepts("application/json"));
+        assert!(accepts("application/com.github.proto-openapi.spec.v2@v1.0+protobuf, */*;q=0.1"));
+        assert!(!accepts("application/com.github.proto-openapi.spec.v2@v1.0+protobuf"));
+        assert!(!accepts("application/json;q=0"));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use crate::auth::identity;
 use crate::auth::UserInfo;
 use crate::proxy::client::{describe_error, BackendClient};
 use crate::routing::writer::SharedTable;
-use crate::routing::{RoutingTable, Upstream};
+use crate::routing::{Route, RoutingTable, Upstream};
 
 /// The user discovery and OpenAPI are fetched as.
 pub const DISCOVERY_USER: &str = "system:kube-aggregator";
@@ -389,7 +389,8 @@ struct Signature {
 /// A backend's fetch inputs in the current table.
 struct BackendInputs {
     signature: Signature,
-    http: Result<Http, FetchError>,
+    /// One of the backend's routes: its pooled client and endpoints (shared by all of them).
+    route: Arc<Route>,
     /// The best (group priority, APIService name) among its APIServices, for OpenAPI order.
     rank: (i32, String),
 }
@@ -527,11 +528,19 @@ impl Fetcher {
             state.dirty.insert(kind);
             return;
         }
-        let http = match &inputs.http {
-            Ok(http) => http.clone(),
-            Err(e) => {
-                let message = e.to_string();
-                self.on_fetched(key.to_owned(), kind, Err(FetchError::NoEndpoints(message)));
+        // Each fetch picks the next endpoint, as requests do.
+        let http = match &inputs.route.upstream {
+            Upstream::Remote(remote) => match (&remote.client, &remote.endpoints) {
+                (Err(e), _) => Err(FetchError::NoClient(e.to_string())),
+                (_, Err(e)) => Err(FetchError::NoEndpoints(e.to_string())),
+                (Ok(client), Ok(endpoints)) => Ok(Http { client: client.clone(), authority: endpoints.pick().clone() }),
+            },
+            Upstream::Local => Err(FetchError::NoEndpoints("a local APIService has no backend".into())),
+        };
+        let http = match http {
+            Ok(http) => http,
+            Err(error) => {
+                self.on_fetched(key.to_owned(), kind, Err(error));
                 return;
             }
         };
@@ -738,26 +747,17 @@ fn backend_inputs(table: &RoutingTable) -> HashMap<String, BackendInputs> {
             let a = &route.apiservice;
             let (Some(service), Upstream::Remote(remote)) = (&a.service, &route.upstream) else { continue };
             let rank = (group_priority.get(&*a.group).copied().unwrap_or(0), a.name.to_string());
-            let entry = inputs.entry(service.key()).or_insert_with(|| {
-                let http = match (&remote.client, &remote.endpoints) {
-                    (Err(e), _) => Err(FetchError::NoClient(e.to_string())),
-                    (_, Err(e)) => Err(FetchError::NoEndpoints(e.to_string())),
-                    (Ok(client), Ok(endpoints)) => {
-                        Ok(Http { client: client.clone(), authority: endpoints.pick().clone() })
-                    }
-                };
-                BackendInputs {
-                    signature: Signature {
-                        service: service.clone(),
-                        group_versions: BTreeSet::new(),
-                        targets: match &remote.endpoints {
-                            Ok(e) => Ok(e.targets().iter().map(ToString::to_string).collect()),
-                            Err(e) => Err(e.to_string()),
-                        },
+            let entry = inputs.entry(service.key()).or_insert_with(|| BackendInputs {
+                signature: Signature {
+                    service: service.clone(),
+                    group_versions: BTreeSet::new(),
+                    targets: match &remote.endpoints {
+                        Ok(e) => Ok(e.targets().iter().map(ToString::to_string).collect()),
+                        Err(e) => Err(e.to_string()),
                     },
-                    http,
-                    rank: rank.clone(),
-                }
+                },
+                route: route.clone(),
+                rank: rank.clone(),
             });
             entry.signature.group_versions.insert((a.group.to_string(), a.version.to_string()));
             if rank.0 > entry.rank.0 || (rank.0 == entry.rank.0 && rank.1 < entry.rank.1) {

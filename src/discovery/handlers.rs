@@ -5,9 +5,9 @@ use axum::body::Body;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode, Uri};
 
-use super::aggregated::{negotiate, Negotiated};
+use super::aggregated::{accepts_json, negotiate, Negotiated};
 use super::fetcher::DiscoveryDocuments;
-use crate::status::RequestError;
+use crate::status::{RequestError, Status};
 
 /// `/apis` when the client asked for `APIGroupDiscoveryList`; `None` when it asked for the
 /// legacy `APIGroupList`, which the caller builds from the routing table.
@@ -18,8 +18,18 @@ pub fn aggregated(documents: &DiscoveryDocuments, headers: &HeaderMap) -> Option
     }
 }
 
-/// `/openapi/v2`: the merged Swagger document (JSON only).
+/// `/openapi/v2`: the merged Swagger document. Only JSON is served; a client that accepts
+/// only the protobuf encoding (client-go's `OpenAPISchema`) is answered 406, as kube-openapi
+/// answers a type it cannot produce, rather than with bytes it cannot parse.
 pub fn openapi_v2(documents: &DiscoveryDocuments, headers: &HeaderMap) -> Response<Body> {
+    if !accepts_json(headers) {
+        return Status::failure(
+            StatusCode::NOT_ACCEPTABLE,
+            "NotAcceptable",
+            "only application/json is served for /openapi/v2",
+        )
+        .into_response();
+    }
     documents.openapi_v2().respond_with_cache_control(headers, HeaderValue::from_static("no-cache, private"))
 }
 

@@ -130,7 +130,7 @@ impl BackendClient {
     }
 }
 
-fn client_tls_config(tls: &BackendTls, settings: &ClientSettings) -> Result<ClientConfig, TransportError> {
+pub(crate) fn client_tls_config(tls: &BackendTls, settings: &ClientSettings) -> Result<ClientConfig, TransportError> {
     let provider = tls::crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -38,6 +38,8 @@ pub struct EndpointState {
     pub rejections: SharedRejections,
     /// Aggregated discovery and OpenAPI, published by the background fetcher.
     pub discovery: discovery::DiscoveryDocuments,
+    /// The availability loop's conditions.
+    pub availability: Arc<crate::availability::Availability>,
 }
 
 /// Paths answered before authentication (probes).
@@ -136,6 +138,8 @@ struct ApiServiceView {
     service: Option<String>,
     served: bool,
     reason: String,
+    /// The `Available` condition from this proxy's own probes.
+    available: Option<crate::availability::Condition>,
 }
 
 /// Every APIService the table holds and every object a source rejected, with the reason:
@@ -163,6 +167,7 @@ async fn debug_apiservices(State(state): State<EndpointState>) -> Response {
                 service: a.service.as_ref().map(|s| s.key()),
                 served,
                 reason,
+                available: state.availability.condition(&a.name),
             });
         }
     }

@@ -133,7 +133,7 @@ impl FileSource {
     }
 
     /// The union of every file's objects, and the rejections (bad files, duplicates).
-    fn collect(&self) -> (Vec<ApiService>, Vec<Rejection>) {
+    pub fn collect(&self) -> (Vec<ApiService>, Vec<Rejection>) {
         let mut seen: HashMap<Arc<str>, &Path> = HashMap::new();
         let mut apiservices = Vec::new();
         let mut rejections = Vec::new();

@@ -248,3 +248,137 @@ impl ClusterSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use kube::api::ObjectMeta;
+
+    fn service(name: &str, spec: ServiceSpec) -> Service {
+        Service {
+            metadata: ObjectMeta { name: Some(name.into()), namespace: Some("ns".into()), ..ObjectMeta::default() },
+            spec: Some(spec),
+            ..Service::default()
+        }
+    }
+
+    fn port(name: &str, port: i32) -> ServicePort {
+        ServicePort { name: Some(name.into()), port, ..ServicePort::default() }
+    }
+
+    fn endpoint(address: &str, ready: Option<bool>) -> Endpoint {
+        Endpoint {
+            addresses: vec![address.into()],
+            conditions: Some(EndpointConditions { ready, ..EndpointConditions::default() }),
+            ..Endpoint::default()
+        }
+    }
+
+    fn slice(service: &str, port_name: &str, port: i32, endpoints: Vec<Endpoint>) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{service}-abc")),
+                namespace: Some("ns".into()),
+                labels: Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Some(endpoints),
+            ports: Some(vec![EndpointPort {
+                name: Some(port_name.into()),
+                port: Some(port),
+                ..EndpointPort::default()
+            }]),
+        }
+    }
+
+    fn resolver(services: Vec<Service>, slices: Vec<EndpointSlice>, endpoint_routing: bool) -> ClusterResolver {
+        let (service_store, mut service_writer) = reflector::store();
+        for s in services {
+            service_writer.apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        let (slice_store, mut slice_writer) = reflector::store();
+        for s in slices {
+            slice_writer.apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        ClusterResolver::new(service_store, slice_store, endpoint_routing, Some("127.0.0.1:6443".parse().unwrap()))
+    }
+
+    fn reference(name: &str, port: u16) -> ServiceReference {
+        ServiceReference {
+            namespace: "ns".into(),
+            name: name.into(),
+            port,
+            ca_bundle: Arc::from(&b""[..]),
+            insecure_skip_tls_verify: true,
+        }
+    }
+
+    fn resolved(r: &ClusterResolver, name: &str, port: u16) -> Result<Vec<String>, String> {
+        r.resolve(&reference(name, port)).map(|v| v.iter().map(|a| a.to_string()).collect()).map_err(|e| e.to_string())
+    }
+
+    fn cluster_ip(ip: &str, ports: Vec<ServicePort>) -> ServiceSpec {
+        ServiceSpec { cluster_ip: Some(ip.into()), ports: Some(ports), ..ServiceSpec::default() }
+    }
+
+    #[test]
+    fn cluster_ip_services_resolve_to_the_cluster_ip_and_the_matching_service_port() {
+        let r = resolver(
+            vec![
+                service("api", cluster_ip("10.0.0.7", vec![port("https", 443)])),
+                service("v6", cluster_ip("fd00::7", vec![port("https", 443)])),
+                service("headless", cluster_ip("None", vec![port("https", 443)])),
+            ],
+            vec![],
+            false,
+        );
+        assert_eq!(resolved(&r, "api", 443), Ok(vec!["10.0.0.7:443".into()]));
+        assert_eq!(resolved(&r, "v6", 443), Ok(vec!["[fd00::7]:443".into()]));
+        assert_eq!(resolved(&r, "api", 8443), Err("no service port 8443 found for service ns/api".into()));
+        assert_eq!(resolved(&r, "missing", 443), Err("service ns/missing not found".into()));
+        assert!(resolved(&r, "headless", 443).unwrap_err().contains("ClusterIP \"None\""));
+    }
+
+    #[test]
+    fn external_name_services_resolve_to_their_name_with_the_apiservice_port() {
+        let spec = ServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: Some("localhost".into()),
+            ..ServiceSpec::default()
+        };
+        let r = resolver(vec![service("ext", spec)], vec![], false);
+        assert_eq!(resolved(&r, "ext", 9443), Ok(vec!["localhost:9443".into()]));
+    }
+
+    #[test]
+    fn aggregator_routing_spreads_over_ready_endpoints_of_the_named_port() {
+        let r = resolver(
+            vec![service("api", cluster_ip("10.0.0.7", vec![port("https", 443)]))],
+            vec![slice(
+                "api",
+                "https",
+                8443,
+                vec![endpoint("10.1.0.1", Some(true)), endpoint("10.1.0.2", Some(false)), endpoint("10.1.0.3", None)],
+            )],
+            true,
+        );
+        assert_eq!(resolved(&r, "api", 443), Ok(vec!["10.1.0.1:8443".into(), "10.1.0.3:8443".into()]));
+        let none_ready = resolver(
+            vec![service("api", cluster_ip("10.0.0.7", vec![port("https", 443)]))],
+            vec![slice("api", "https", 8443, vec![endpoint("10.1.0.2", Some(false))])],
+            true,
+        );
+        assert_eq!(resolved(&none_ready, "api", 443), Err("no endpoints available for service ns/api".into()));
+    }
+
+    #[test]
+    fn the_kubernetes_service_goes_to_the_delegate() {
+        let r = resolver(vec![], vec![], false);
+        let mut default_kubernetes = reference("kubernetes", 443);
+        default_kubernetes.namespace = "default".into();
+        assert_eq!(r.resolve(&default_kubernetes).unwrap()[0].as_str(), "127.0.0.1:6443");
+    }
+}

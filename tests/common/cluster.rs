@@ -149,7 +149,7 @@ impl Cluster {
                 "admin",
                 &cluster.pki.admin,
             )?;
-            match cluster.start_kube_apiserver() {
+            match cluster.spawn_kube_apiserver() {
                 Ok(()) => return Ok(cluster),
                 Err(StartError::PortInUse) => last_error = "port in use".to_owned(),
                 Err(StartError::Failed(e)) => return Err(with_log_tails(e)),
@@ -314,8 +314,12 @@ impl Cluster {
     }
 
     /// Starts kube-apiserver again on the same port with the same flags and waits for
-    /// `/readyz`. A no-op wait if it is already running.
-    pub fn start_kube_apiserver(&self) -> Result<(), StartError> {
+    /// `/readyz`. Only waits if it is already running.
+    pub fn start_kube_apiserver(&self) -> Result<(), String> {
+        self.spawn_kube_apiserver().map_err(|e| with_log_tails(e.to_string()))
+    }
+
+    fn spawn_kube_apiserver(&self) -> Result<(), StartError> {
         let mut slot = lock(&self.apiserver);
         if let Some(running) = slot.as_mut() {
             if running.exit_status().is_none() {
@@ -338,7 +342,7 @@ impl Cluster {
     /// Stops and starts kube-apiserver, keeping its port, PKI and etcd data.
     pub fn restart_kube_apiserver(&self) -> Result<(), String> {
         self.stop_kube_apiserver();
-        self.start_kube_apiserver().map_err(|e| with_log_tails(e.to_string()))
+        self.start_kube_apiserver()
     }
 
     fn wait_for_readyz(&self, process: Option<&Mutex<Option<Process>>>) -> Result<(), StartError> {
@@ -431,7 +435,7 @@ impl Drop for Cluster {
 
 /// Why a process did not become ready.
 #[derive(Debug)]
-pub enum StartError {
+enum StartError {
     /// Its port was taken between picking and binding it; the caller may pick another.
     PortInUse,
     Failed(String),

@@ -6,5 +6,6 @@
 pub mod client;
 pub mod cluster;
 pub mod cluster_proxy;
+pub mod slow_backend;
 pub mod standalone;
 pub mod wait;

@@ -103,6 +103,8 @@ pub struct Standalone {
     pub sample: Option<Sample>,
     pub sample_addr: SocketAddr,
     pub proxy: RunningApp,
+    /// What the proxy was started with, for tests that load the same configuration again.
+    pub settings: Settings,
 }
 
 fn write(path: &Path, text: &str) {
@@ -156,9 +158,14 @@ impl Standalone {
             ..Settings::default()
         };
         adjust(&mut settings);
+        let started_with = settings.clone();
         let proxy = app::start(settings.validate().expect("valid test config")).await.expect("proxy starts");
         tokio::time::timeout(std::time::Duration::from_secs(10), proxy.ready()).await.expect("proxy becomes ready");
-        Self { dir, pki, sample: Some(sample), sample_addr, proxy }
+        // Every backend fetched once, so discovery and OpenAPI list the sample's groups.
+        tokio::time::timeout(std::time::Duration::from_secs(10), proxy.discovery().synced())
+            .await
+            .expect("discovery is fetched from every backend");
+        Self { dir, pki, sample: Some(sample), sample_addr, proxy, settings: started_with }
     }
 
     pub fn apiservices_dir(&self) -> PathBuf {

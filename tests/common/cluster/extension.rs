@@ -282,8 +282,9 @@ fn args(cluster: &Cluster, kind: ExtensionServerKind, identity: &User, serving: 
             ("kubelet-insecure-tls", "true".into()),
             ("kubelet-use-node-status-port", "true".into()),
             ("kubelet-preferred-address-types", "InternalIP".into()),
-            // The shortest allowed: CPU usage needs two scrapes.
+            // The shortest allowed (CPU usage needs two scrapes), above the request timeout.
             ("metric-resolution", "10s".into()),
+            ("kubelet-request-timeout", "5s".into()),
         ]),
         ExtensionServerKind::SampleApiserver => flags.extend([
             ("etcd-servers", cluster.etcd_url().to_owned()),

@@ -1,0 +1,126 @@
+//! Availability: this proxy's own view of whether each remote APIService answers, as
+//! kube-aggregator's availability controller computes the `Available` condition.
+//!
+//! Every 30 s, and whenever the routing table changes, each remote APIService is probed
+//! ([`probe::check`]); the result is kept as a condition (status, kube's reason, message, last
+//! transition), exported as `aggregator_unavailable_apiservice{name}` and shown on
+//! `/debug/apiservices`. A flip is logged once. Unlike kube-aggregator, availability does not
+//! gate routing: a request to an unavailable backend still gets the real, current error.
+
+pub mod probe;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+use crate::proxy::client::ClientSettings;
+use crate::routing::writer::SharedTable;
+use crate::routing::Upstream;
+pub use probe::{Reason, Report};
+
+/// kube-aggregator re-checks every APIService every 30 s.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the loop looks for a new routing table.
+const TABLE_POLL: Duration = Duration::from_millis(250);
+
+/// The `Available` condition of one APIService, as this proxy sees it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    pub status: &'static str,
+    pub reason: Reason,
+    pub message: String,
+    /// Seconds since the Unix epoch of the last change of `status`.
+    pub last_transition_time: u64,
+}
+
+/// Conditions by APIService name.
+#[derive(Debug, Default)]
+pub struct Availability {
+    conditions: DashMap<String, Condition>,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Availability {
+    pub fn condition(&self, name: &str) -> Option<Condition> {
+        self.conditions.get(name).map(|c| c.clone())
+    }
+
+    fn record(&self, report: &Report, metrics: &Metrics) {
+        let status = if report.available { "True" } else { "False" };
+        let mut transition = now();
+        if let Some(previous) = self.conditions.get(&report.apiservice) {
+            if previous.status == status {
+                transition = previous.last_transition_time;
+            } else {
+                tracing::info!(apiservice = %report.apiservice, from = previous.status, to = status, reason = ?report.reason, message = %report.message, "APIService availability changed");
+            }
+        } else if !report.available {
+            tracing::warn!(apiservice = %report.apiservice, reason = ?report.reason, message = %report.message, "APIService unavailable");
+        }
+        metrics.set_unavailable(&report.apiservice, !report.available);
+        self.conditions.insert(
+            report.apiservice.clone(),
+            Condition {
+                status,
+                reason: report.reason,
+                message: report.message.clone(),
+                last_transition_time: transition,
+            },
+        );
+    }
+
+    fn forget_except(&self, keep: &HashSet<String>, metrics: &Metrics) {
+        self.conditions.retain(|name, _| {
+            let kept = keep.contains(name);
+            if !kept {
+                metrics.forget_apiservice(name);
+            }
+            kept
+        });
+    }
+}
+
+/// Probes every APIService in the table now; returns when all probes are done.
+pub async fn check_all(table: &SharedTable, settings: &ClientSettings, availability: &Availability, metrics: &Metrics) {
+    let table = table.load_full();
+    let mut names = HashSet::new();
+    let mut probes = Vec::new();
+    for route in table.groups().iter().flat_map(|g| &g.versions) {
+        names.insert(route.apiservice.name.to_string());
+        let resolved = match &route.upstream {
+            Upstream::Local => Ok(Vec::new()),
+            Upstream::Remote(remote) => remote.endpoints.as_ref().map(|e| e.targets().to_vec()).map_err(Clone::clone),
+        };
+        probes.push(probe::check(&route.apiservice, resolved, settings));
+    }
+    for report in join_all(probes).await {
+        availability.record(&report, metrics);
+    }
+    availability.forget_except(&names, metrics);
+}
+
+/// Runs until the process ends: a check of everything every [`RECHECK_INTERVAL`] and after
+/// every routing-table change.
+pub async fn run(table: SharedTable, settings: ClientSettings, availability: Arc<Availability>, metrics: Arc<Metrics>) {
+    let mut checked_generation = None;
+    let mut last_check = tokio::time::Instant::now();
+    loop {
+        let generation = table.load().generation;
+        let due = last_check.elapsed() >= RECHECK_INTERVAL;
+        if generation > 0 && (Some(generation) != checked_generation || due) {
+            check_all(&table, &settings, &availability, &metrics).await;
+            checked_generation = Some(generation);
+            last_check = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(TABLE_POLL).await;
+    }
+}
