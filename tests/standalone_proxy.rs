@@ -368,3 +368,44 @@ async fn metrics_count_requests_per_apiservice() {
     );
     assert!(metrics.contains("aggregator_routing_table_apiservices 2"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_backend_redirect_is_refused_with_502_and_backend_cors_headers_are_dropped() {
+    use common::backend::TestBackend;
+    let backend = TestBackend::start(std::sync::Arc::new(|request| {
+        let mut response =
+            http::Response::builder().header("access-control-allow-origin", "*").header("x-backend", "yes");
+        response = match request.uri().path() {
+            "/apis/custom.example.com/v1/moved" => {
+                response.status(302).header("location", "https://elsewhere.example/")
+            }
+            "/apis/custom.example.com/v1/no-location" => response.status(304),
+            _ => response.status(200),
+        };
+        response.body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}"))).unwrap()
+    }))
+    .await;
+    let addr = backend.addr;
+    let env = Standalone::start_with(|s| s.services.push(format!("kube-system/custom:443={addr}"))).await;
+    env.write_manifest(
+        "custom.yaml",
+        &apiservice_yaml("v1.custom.example.com", 10, 10, Some(("custom", 443)), None)
+            .replace("  service:", "  insecureSkipTLSVerify: true\n  service:"),
+    );
+    let admin = env.admin();
+    let ok = eventually_status(&admin, &env.url("/apis/custom.example.com/v1/x"), StatusCode::OK).await;
+    assert_eq!(ok.header("x-backend"), Some("yes"));
+    assert_eq!(ok.header("access-control-allow-origin"), None);
+
+    let moved = admin.get(&env.url("/apis/custom.example.com/v1/moved")).await.unwrap();
+    assert_eq!(moved.status, 502);
+    assert_eq!(moved.header("location"), None);
+    let body = moved.json();
+    assert_eq!(body["reason"], "BadGateway");
+    assert_eq!(
+        body["message"],
+        "APIService \"v1.custom.example.com\": the backend attempted to redirect this request, which is not permitted"
+    );
+    // A 3xx without Location is passed through.
+    assert_eq!(status_of(&admin, &env.url("/apis/custom.example.com/v1/no-location")).await, 304);
+}

@@ -3,6 +3,7 @@
 //! Every test binary compiles this whole module, and each uses only part of it.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod cluster_proxy;
