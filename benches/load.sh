@@ -18,7 +18,7 @@
 #   CHURN_SECONDS=30, CHURN_RATE=100 (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
 #   KUBE_BIN_DIR=~/.cache/kube-aggregation-proxy/bin (etcd-*, kube-apiserver-* from
 #   tests/e2e/k8s/build.sh; without them the kube column is skipped), OUT=dir, KEEP=1 (keep
-#   the work dir).
+#   the work dir), PROXY_BIN and BACKEND_BIN (prebuilt binaries: skip the build).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,21 +65,33 @@ command -v curl >/dev/null || die "curl is required"
 
 # ---------------------------------------------------------------------------------------------
 # Build: the proxy and the bench backend, release profile.
+if [ -n "${PROXY_BIN:-}" ] && [ -n "${BACKEND_BIN:-}" ]; then
+    log "using prebuilt $PROXY_BIN and $BACKEND_BIN"
+    BACKEND=$BACKEND_BIN
+    PROXY=$PROXY_BIN
+else
 log "building release binaries"
-(cd "$ROOT" && cargo build --release --locked --bin kube-aggregation-proxy)
-BACKEND=$(cd "$ROOT" && cargo bench --locked --no-run --bench backend --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
+# One cargo invocation, release profile: the proxy binary and the backend (a bench target).
+BACKEND=$(cd "$ROOT" && cargo build --release --locked --bin kube-aggregation-proxy --bench backend \
+    --message-format=json-render-diagnostics | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "backend" and m.get("executable"):
         print(m["executable"])')
-[ -x "$BACKEND" ] || die "backend binary not built"
 PROXY="$ROOT/target/release/kube-aggregation-proxy"
+fi
+[ -x "$BACKEND" ] || die "backend binary not built"
+[ -x "$PROXY" ] || die "proxy binary not built"
 
 # ---------------------------------------------------------------------------------------------
 # Process bookkeeping: every process started is stopped on exit, by pid.
 WORK=$(mktemp -d /tmp/kap-load-XXXXXX)
-mkdir -p "$OUT/raw"
+mkdir -p "$OUT/raw" "$WORK/bin"
+# Copies, so a concurrent build in the shared target dir cannot swap binaries mid-run.
+cp "$BACKEND" "$WORK/bin/backend"
+cp "$PROXY" "$WORK/bin/kube-aggregation-proxy"
+BACKEND=$WORK/bin/backend
+PROXY=$WORK/bin/kube-aggregation-proxy
 declare -a PIDS=()
 cleanup() {
     local pid

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::authorization::SubjectAccessReviewer;
 use crate::auth::delegating;
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::requestheader::RequestHeaderAuthenticator;
@@ -187,6 +188,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         Source::Files { .. } => None,
     };
     let mut token_reviewer = None;
+    let mut authorizer = None;
     if let Some((client, kube_config)) = &cluster {
         if config.delegate.is_none() {
             config.delegate = Some(delegate_from_kubeconfig(kube_config)?);
@@ -201,6 +203,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
             }
         }
         token_reviewer = Some(Arc::new(TokenReviewAuthenticator::new(client.clone(), config.token_review_cache_ttl)));
+        authorizer = Some(Arc::new(SubjectAccessReviewer::new(client.clone())));
     }
     let (serving, generated_serving_ca) = match &config.serving {
         Some(s) => (s.clone(), None),
@@ -235,6 +238,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     let clients = Arc::new(ClientCache::new(client_settings));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let rejections: SharedRejections = Arc::default();
+    let (table_ready_tx, mut table_ready) = watch::channel(false);
     let (ready_tx, ready) = watch::channel(false);
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
     let mut tasks = JoinSet::new();
@@ -258,15 +262,43 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
             tasks.spawn(source.run(snapshots_tx));
         }
     }
-    tasks.spawn(writer::run(snapshots_rx, table.clone(), clients, ready_tx, metrics.clone()));
+    tasks.spawn(writer::run(snapshots_rx, table.clone(), clients, table_ready_tx, metrics.clone()));
     // Our own availability view: probes each remote APIService as kube-aggregator does.
     let availability = Arc::new(Availability::default());
     tasks.spawn(crate::availability::run(table.clone(), probe_settings, availability.clone(), metrics.clone()));
     // Discovery and OpenAPI are fetched from the backends in the background and served from
     // memory; cluster mode sends kube-apiserver's own documents on `delegate_discovery`.
     let (delegate_discovery, delegate_discovery_rx) = watch::channel(Arc::new(DelegateDiscovery::default()));
-    let (fetcher, discovery) = Fetcher::new(table.clone(), FetcherSettings::default(), delegate_discovery_rx);
+    let fetcher_settings = FetcherSettings { delegate_expected: delegate.is_some(), ..FetcherSettings::default() };
+    let (fetcher, discovery) = Fetcher::new(table.clone(), fetcher_settings, delegate_discovery_rx);
     tasks.spawn(fetcher.run());
+    let mut delegate_fetched = None;
+    if let Some(d) = &delegate {
+        // With a delegate, its own groups (built-ins, CRDs) join the merged documents.
+        let (fetched_tx, fetched) = watch::channel(false);
+        delegate_fetched = Some(fetched);
+        let feed = crate::discovery::delegate::run(
+            d.client.clone(),
+            d.authority.clone(),
+            table.clone(),
+            delegate_discovery.clone(),
+            fetched_tx,
+        );
+        tasks.spawn(feed);
+    }
+    // Ready, as kube-apiserver's readiness waits for its aggregator: the first routing table,
+    // the first discovery round, and (with a delegate) one attempt at its documents.
+    let discovery_synced = discovery.clone();
+    tasks.spawn(async move {
+        let _ = table_ready.wait_for(|r| *r).await;
+        discovery_synced.synced().await;
+        if let Some(mut fetched) = delegate_fetched {
+            let _ = fetched.wait_for(|f| *f).await;
+        }
+        ready_tx.send_replace(true);
+        // Keep the sender alive so readiness never reads as closed.
+        std::future::pending::<()>().await;
+    });
 
     let (mut auth, identity_headers) = auth_chain(&config);
     if let Some(reviewer) = token_reviewer {
@@ -278,6 +310,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         ready: ready.clone(),
         rejections,
         discovery: discovery.clone(),
+        has_delegate: delegate.is_some(),
         availability,
     };
     let gateway = Arc::new(Gateway {
@@ -292,6 +325,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         metrics: metrics.clone(),
         ready: ready.clone(),
         endpoints: endpoints::router(endpoint_state),
+        authorizer,
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;

@@ -13,8 +13,9 @@
 //! ordering), [`source`] (where APIServices come from), [`routing`] (the table and its writer,
 //! service resolution), [`server`] (TLS front end and the request pipeline), [`auth`]
 //! (authenticators and identity headers), [`proxy`] (backend clients and forwarding),
-//! [`discovery`] (`/apis`), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`config`],
-//! [`app`] (wiring), [`demo`], and [`sample`] (the sample extension API server).
+//! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
+//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`config`], [`app`]
+//! (wiring), [`demo`], and [`sample`] (the sample extension API server).
 #![forbid(unsafe_code)]
 
 pub mod apiservice;

@@ -80,6 +80,12 @@ pub enum RequestError {
     /// Authentication failed; the cause is logged, the client sees kube's plain `Unauthorized`.
     #[error("authentication failed: {0}")]
     Unauthorized(#[from] AuthError),
+    /// The authorizer (kube-apiserver, by SubjectAccessReview) said no.
+    #[error("forbidden: User {user:?} cannot {verb} path {path:?}{reason}")]
+    Forbidden { user: String, verb: String, path: String, reason: String },
+    /// The authorizer could not be asked.
+    #[error("{0}")]
+    AuthorizationFailed(String),
     /// No route: an unknown group, version or path.
     #[error("{0}")]
     NotFound(String),
@@ -104,6 +110,8 @@ impl RequestError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::AuthorizationFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::NotReady | Self::NoDelegate { .. } | Self::ServiceUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -117,6 +125,10 @@ impl RequestError {
         let code = self.status_code();
         match self {
             Self::Unauthorized(_) => Status::failure(code, "Unauthorized", "Unauthorized"),
+            Self::Forbidden { .. } => Status::failure(code, "Forbidden", self.to_string()),
+            Self::AuthorizationFailed(message) => {
+                Status::failure(code, "InternalError", format!("Internal error occurred: {message}"))
+            }
             Self::NotFound(message) => Status::failure(code, "NotFound", message.clone()),
             Self::NotReady => Status::failure(code, "ServiceUnavailable", self.to_string())
                 .with_details(StatusDetails { retry_after_seconds: Some(5), ..Default::default() }),

@@ -300,6 +300,17 @@ async fn the_proxy_answers_with_kube_apiservers_status_codes() {
         "/apis/apiregistration.k8s.io/v1/apiservices",
         "/apis/rbac.authorization.k8s.io/v1/clusterroles",
         "/version",
+        "/apis/apiregistration.k8s.io",
+        "/apis/apiregistration.k8s.io/v1",
+        "/apis/storage.k8s.io/v1/storageclasses",
+        "/api/v1/nodes",
+        "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods",
+        "/apis/wardle.example.com/v1alpha1/fischers",
+        "/apis/authorization.k8s.io/v1",
+        "/apis/batch/v1/jobs",
+        "/apis/networking.k8s.io/v1/ingresses",
+        "/api/v1/services",
+        "/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication",
     ];
     let mut rows = Vec::new();
     for (who, user) in [("admin", Some(&admin)), ("nobody", Some(&nobody)), ("anonymous", None)] {

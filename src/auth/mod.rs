@@ -6,6 +6,7 @@
 //! to anonymous. `identity` then strips whatever identity the client tried to assert and writes
 //! the authenticated one as `X-Remote-*` headers.
 
+pub mod authorization;
 pub mod delegating;
 pub mod identity;
 pub mod requestheader;

@@ -283,10 +283,14 @@ pub fn delegate_entries(document: &ApiGroupDiscoveryList, priorities: &LocalPrio
         .versions()
         .filter(|((group, _), _)| !group.is_empty())
         .map(|((group, version), discovery)| {
-            let (gpm, vp) = priorities
-                .get(&(group.to_owned(), version.to_owned()))
-                .copied()
-                .unwrap_or((DEFAULT_GROUP_PRIORITY_MINIMUM, DEFAULT_VERSION_PRIORITY));
+            let (gpm, vp) = priorities.get(&(group.to_owned(), version.to_owned())).copied().unwrap_or(
+                // kube-aggregator's own group has no APIService and always comes first.
+                if group == super::AGGREGATOR_GROUP {
+                    (super::AGGREGATOR_GROUP_PRIORITY, 0)
+                } else {
+                    (DEFAULT_GROUP_PRIORITY_MINIMUM, DEFAULT_VERSION_PRIORITY)
+                },
+            );
             let mut discovery = discovery.clone();
             force_response_kinds(&mut discovery);
             VersionEntry {

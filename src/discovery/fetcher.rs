@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -73,6 +73,11 @@ pub struct FetcherSettings {
     pub openapi_timeout: Duration,
     pub resync_period: Duration,
     pub table_poll: Duration,
+    /// A delegate is configured (cluster mode). Until its aggregated `/apis` arrives on the
+    /// [`DelegateDiscovery`] channel, `/apis` answers only the legacy list: an aggregated
+    /// document without the built-in groups would hide them from clients, while the legacy
+    /// list names them all and clients then read each group-version from its owner.
+    pub delegate_expected: bool,
 }
 
 impl Default for FetcherSettings {
@@ -82,6 +87,7 @@ impl Default for FetcherSettings {
             openapi_timeout: DEFAULT_OPENAPI_TIMEOUT,
             resync_period: DEFAULT_RESYNC_PERIOD,
             table_poll: DEFAULT_TABLE_POLL,
+            delegate_expected: false,
         }
     }
 }
@@ -93,7 +99,8 @@ impl Default for FetcherSettings {
 pub struct DelegateDiscovery {
     /// kube-apiserver's aggregated `/apis` (built-in and CRD groups). Its group-versions are
     /// ordered with the priorities of the table's local APIServices (kube's defaults, 1000 and
-    /// 15, for one without); a group-version a remote backend also serves is the backend's.
+    /// 15, for one without). A group-version a remote backend also serves is the backend's
+    /// once the backend has answered; until then the delegate's entry stands in for it.
     pub apis: Option<Arc<ApiGroupDiscoveryList>>,
     /// kube-apiserver's `/openapi/v2`, merged first and unfiltered.
     pub openapi_v2: Option<Arc<Value>>,
@@ -105,7 +112,8 @@ pub struct DelegateDiscovery {
 /// What the handlers serve: the merged documents, each swapped in whole.
 #[derive(Clone)]
 pub struct DiscoveryDocuments {
-    aggregated: Arc<ArcSwap<Published>>,
+    /// `None` while a delegate is expected but its document has not arrived.
+    aggregated: Arc<ArcSwapOption<Published>>,
     openapi_v2: Arc<ArcSwap<Published>>,
     openapi_v3: Arc<ArcSwap<V3Documents>>,
     synced: watch::Receiver<bool>,
@@ -119,7 +127,7 @@ fn publish_aggregated(list: &ApiGroupDiscoveryList) -> Published {
 impl DiscoveryDocuments {
     fn new(synced: watch::Receiver<bool>) -> Self {
         Self {
-            aggregated: Arc::new(ArcSwap::from_pointee(publish_aggregated(&ApiGroupDiscoveryList::default()))),
+            aggregated: Arc::new(ArcSwapOption::from_pointee(publish_aggregated(&ApiGroupDiscoveryList::default()))),
             openapi_v2: Arc::new(ArcSwap::from_pointee(openapi::publish_v2(&openapi::merge_v2([], [])))),
             openapi_v3: Arc::new(ArcSwap::from_pointee(V3Documents::default())),
             synced,
@@ -127,8 +135,9 @@ impl DiscoveryDocuments {
         }
     }
 
-    /// The aggregated `APIGroupDiscoveryList` for `/apis`.
-    pub fn aggregated(&self) -> Arc<Published> {
+    /// The aggregated `APIGroupDiscoveryList` for `/apis`, or `None` when it cannot be
+    /// complete yet (see [`FetcherSettings::delegate_expected`]) and the legacy list must do.
+    pub fn aggregated(&self) -> Option<Arc<Published>> {
         self.aggregated.load_full()
     }
 
@@ -188,14 +197,14 @@ const KINDS: [Kind; 3] = [Kind::Discovery, Kind::OpenApiV2, Kind::OpenApiV3];
 
 /// How to reach a backend for one fetch.
 #[derive(Clone)]
-struct Http {
-    client: BackendClient,
-    authority: Authority,
+pub(crate) struct Http {
+    pub(crate) client: BackendClient,
+    pub(crate) authority: Authority,
 }
 
 impl Http {
     /// `GET path` as the discovery user; the body is read whole (bounded).
-    async fn get(
+    pub(crate) async fn get(
         &self,
         path: &str,
         accept: &str,
@@ -232,7 +241,7 @@ impl Http {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, FetchError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, FetchError> {
     serde_json::from_slice(body).map_err(|e| FetchError::Decode { path: path.to_owned(), reason: e.to_string() })
 }
 
@@ -670,9 +679,13 @@ impl Fetcher {
         if let Some(apis) = &self.delegate_value.apis {
             entries.extend(aggregated::delegate_entries(apis, &local));
         }
+        if self.settings.delegate_expected && self.delegate_value.apis.is_none() {
+            self.documents.aggregated.store(None);
+            return;
+        }
         let published = publish_aggregated(&aggregated::merge(entries));
-        if published.hash() != self.documents.aggregated.load().hash() {
-            self.documents.aggregated.store(Arc::new(published));
+        if self.documents.aggregated.load().as_ref().is_none_or(|current| current.hash() != published.hash()) {
+            self.documents.aggregated.store(Some(Arc::new(published)));
         }
     }
 
@@ -766,4 +779,100 @@ fn backend_inputs(table: &RoutingTable) -> HashMap<String, BackendInputs> {
         }
     }
     inputs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apiservice::ApiService;
+    use crate::proxy::client::ClientCache;
+    use crate::routing::StaticResolver;
+
+    fn apiservice(name: &str, gpm: i32, vp: i32, service: Option<&str>) -> ApiService {
+        let (version, group) = name.split_once('.').unwrap();
+        ApiService {
+            name: name.into(),
+            group: group.into(),
+            version: version.into(),
+            group_priority_minimum: gpm,
+            version_priority: vp,
+            service: service.map(|s| ServiceReference {
+                namespace: "ns".into(),
+                name: s.into(),
+                port: 443,
+                ca_bundle: Arc::from(&b""[..]),
+                insecure_skip_tls_verify: true,
+            }),
+        }
+    }
+
+    fn items(documents: &DiscoveryDocuments) -> Vec<String> {
+        let list: ApiGroupDiscoveryList = serde_json::from_slice(documents.aggregated().unwrap().body()).unwrap();
+        list.items.into_iter().map(|g| g.metadata.name).collect()
+    }
+
+    #[tokio::test]
+    async fn delegate_groups_are_ordered_by_local_priorities_and_unreachable_backends_left_out() {
+        // A remote APIService whose service resolves nowhere, and two local ones.
+        let mut table = RoutingTable::build(
+            vec![
+                apiservice("v1.apps", 17800, 15, None),
+                apiservice("v1.crd.io", 1000, 100, None),
+                apiservice("v1beta1.metrics.k8s.io", 100, 100, Some("nowhere")),
+            ],
+            &StaticResolver::default(),
+            &ClientCache::default(),
+        );
+        table.generation = 1;
+        let shared: SharedTable = Arc::new(ArcSwap::from_pointee(table));
+        let (delegate_tx, delegate_rx) = watch::channel(Arc::new(DelegateDiscovery::default()));
+        let (fetcher, documents) = Fetcher::new(shared, FetcherSettings::default(), delegate_rx);
+        let task = tokio::spawn(fetcher.run());
+        tokio::time::timeout(Duration::from_secs(5), documents.synced()).await.unwrap();
+        // No delegate document and the backend never answered: nothing to list.
+        assert!(items(&documents).is_empty());
+
+        let apis: ApiGroupDiscoveryList = serde_json::from_value(serde_json::json!({"items": [
+            {"metadata": {"name": "crd.io"}, "versions": [{"version": "v1"}]},
+            {"metadata": {"name": "apps"}, "versions": [{"version": "v1"}]},
+            {"metadata": {"name": "unregistered.io"}, "versions": [{"version": "v1"}]},
+        ]}))
+        .unwrap();
+        delegate_tx.send_replace(Arc::new(DelegateDiscovery { apis: Some(Arc::new(apis)), ..Default::default() }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while items(&documents).is_empty() && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        // apps 17800, then crd.io and unregistered.io at 1000 (kube's default), by name.
+        assert_eq!(items(&documents), ["apps", "crd.io", "unregistered.io"]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn with_a_delegate_the_aggregated_document_waits_for_the_delegates_own() {
+        let mut table = RoutingTable::build(
+            vec![apiservice("v1.apps", 17800, 15, None)],
+            &StaticResolver::default(),
+            &ClientCache::default(),
+        );
+        table.generation = 1;
+        let shared: SharedTable = Arc::new(ArcSwap::from_pointee(table));
+        let (delegate_tx, delegate_rx) = watch::channel(Arc::new(DelegateDiscovery::default()));
+        let settings = FetcherSettings { delegate_expected: true, ..FetcherSettings::default() };
+        let (fetcher, documents) = Fetcher::new(shared, settings, delegate_rx);
+        let task = tokio::spawn(fetcher.run());
+        tokio::time::timeout(Duration::from_secs(5), documents.synced()).await.unwrap();
+        assert!(documents.aggregated().is_none(), "served without the delegate's groups");
+        let apis = ApiGroupDiscoveryList::new(vec![aggregated::ApiGroupDiscovery {
+            metadata: aggregated::GroupMeta { name: "apps".into() },
+            versions: vec![ApiVersionDiscovery { version: "v1".into(), ..Default::default() }],
+        }]);
+        delegate_tx.send_replace(Arc::new(DelegateDiscovery { apis: Some(Arc::new(apis)), ..Default::default() }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while documents.aggregated().is_none() && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(items(&documents), ["apps"]);
+        task.abort();
+    }
 }

@@ -10,10 +10,13 @@ use super::fetcher::DiscoveryDocuments;
 use crate::status::{RequestError, Status};
 
 /// `/apis` when the client asked for `APIGroupDiscoveryList`; `None` when it asked for the
-/// legacy `APIGroupList`, which the caller builds from the routing table.
+/// legacy `APIGroupList`, or the aggregated document is not complete yet (cluster mode before
+/// the delegate's document arrived): the caller then builds the legacy list from the routing
+/// table, and the client falls back to legacy discovery, as it does with any server that
+/// does not serve the aggregated type.
 pub fn aggregated(documents: &DiscoveryDocuments, headers: &HeaderMap) -> Option<Response<Body>> {
     match negotiate(headers) {
-        Negotiated::AggregatedV2 => Some(documents.aggregated().respond(headers)),
+        Negotiated::AggregatedV2 => documents.aggregated().map(|document| document.respond(headers)),
         Negotiated::Legacy => None,
     }
 }

@@ -11,6 +11,7 @@
 //! its `ETag`).
 
 pub mod aggregated;
+pub mod delegate;
 pub mod fetcher;
 pub mod handlers;
 pub mod openapi;
@@ -66,6 +67,30 @@ fn api_group(group: &GroupRoutes) -> Option<ApiGroup> {
 pub fn api_group_list(table: &RoutingTable) -> ApiGroupList {
     let groups = table.groups().iter().filter(|g| !g.name.is_empty()).filter_map(api_group).collect();
     ApiGroupList { kind: "APIGroupList", api_version: "v1", groups }
+}
+
+/// kube-aggregator's own group, which it always lists first: with a delegate (kube-apiserver)
+/// behind the proxy, `apiregistration.k8s.io/v1` is served there and listed here.
+pub const AGGREGATOR_GROUP: &str = "apiregistration.k8s.io";
+/// kube-aggregator ranks its own group one above the highest valid groupPriorityMinimum.
+pub const AGGREGATOR_GROUP_PRIORITY: i32 = 20001;
+
+/// `list` with `apiregistration.k8s.io/v1` first, unless an APIService already lists it.
+pub fn with_aggregator_group(mut list: ApiGroupList) -> ApiGroupList {
+    if !list.groups.iter().any(|g| g.name == AGGREGATOR_GROUP) {
+        let v1 = GroupVersionForDiscovery { group_version: format!("{AGGREGATOR_GROUP}/v1"), version: "v1".into() };
+        list.groups.insert(
+            0,
+            ApiGroup {
+                kind: None,
+                api_version: None,
+                name: AGGREGATOR_GROUP.into(),
+                versions: vec![v1.clone()],
+                preferred_version: v1,
+            },
+        );
+    }
+    list
 }
 
 /// `/apis/<group>`, or `None` when no APIService serves the group.

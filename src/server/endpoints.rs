@@ -38,6 +38,8 @@ pub struct EndpointState {
     pub rejections: SharedRejections,
     /// Aggregated discovery and OpenAPI, published by the background fetcher.
     pub discovery: discovery::DiscoveryDocuments,
+    /// Whether a delegate (kube-apiserver) serves `apiregistration.k8s.io` behind the proxy.
+    pub has_delegate: bool,
     /// The availability loop's conditions.
     pub availability: Arc<crate::availability::Availability>,
 }
@@ -87,7 +89,8 @@ async fn apis(State(state): State<EndpointState>, headers: HeaderMap) -> Respons
 }
 
 async fn apis_legacy(State(state): State<EndpointState>) -> Response {
-    Json(discovery::api_group_list(&state.table.load())).into_response()
+    let list = discovery::api_group_list(&state.table.load());
+    Json(if state.has_delegate { discovery::with_aggregator_group(list) } else { list }).into_response()
 }
 
 async fn openapi_v2(State(state): State<EndpointState>, headers: HeaderMap) -> Response {

@@ -22,6 +22,7 @@ use tower::ServiceExt;
 
 use super::endpoints;
 use super::ConnectionInfo;
+use crate::auth::authorization::SubjectAccessReviewer;
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::{AuthChain, Credentials, UserInfo};
 use crate::metrics::Metrics;
@@ -29,7 +30,7 @@ use crate::proxy::client::BackendClient;
 use crate::proxy::{self, Caller, ForwardSettings, Target, HEADER_AUDIT_ID};
 use crate::routing::path::{classify, ApiPath};
 use crate::routing::writer::SharedTable;
-use crate::routing::{RoutingTable, Upstream};
+use crate::routing::{Route, RoutingTable, Upstream};
 use crate::status::RequestError;
 
 /// The local delegate: kube-apiserver in cluster mode.
@@ -49,13 +50,22 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub ready: tokio::sync::watch::Receiver<bool>,
     pub endpoints: axum::Router,
+    /// Cluster mode: kube-apiserver authorizes the proxy's own endpoints, as it does for its
+    /// own aggregator's. `None` in standalone mode, where authentication is the only gate.
+    pub authorizer: Option<Arc<SubjectAccessReviewer>>,
 }
 
 /// Where the pipeline decided to send a request.
 enum Decision {
     Own,
-    Remote { apiservice: String, discovery: bool },
-    Delegate { apiservice: String },
+    /// The route `decide` found, so forwarding does not look it up again.
+    Remote {
+        route: Arc<Route>,
+        discovery: bool,
+    },
+    Delegate {
+        apiservice: String,
+    },
 }
 
 const DELEGATE_LABEL: &str = "delegate";
@@ -70,7 +80,9 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` makes a getrandom(2)
+            // syscall per request.
+            .unwrap_or_else(|| uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string());
 
         let (label, mut response) = if endpoints::is_probe(request.uri().path()) {
             (String::new(), self.own(request).await)
@@ -117,12 +129,24 @@ impl Gateway {
         }
         let table = self.table.load_full();
         let decision = match decide(&table, request.uri().path(), self.delegate.is_some()) {
+            // The merged OpenAPI v2 is JSON only; a client that wants protobuf (kubectl's
+            // validation does) gets kube-apiserver's, which its own aggregator merged.
+            Ok(Decision::Own)
+                if request.uri().path() == "/openapi/v2"
+                    && self.delegate.is_some()
+                    && !crate::discovery::aggregated::accepts_json(request.headers()) =>
+            {
+                Decision::Delegate { apiservice: String::new() }
+            }
             Ok(d) => d,
             Err(e) => return (String::new(), e.into_response()),
         };
         let caller = Caller { user, remote_addr: conn.remote_addr, audit_id };
         match decision {
-            Decision::Own => (String::new(), self.own(request).await),
+            Decision::Own => match self.authorize_own(user, &request).await {
+                Ok(()) => (String::new(), self.own(request).await),
+                Err(e) => (String::new(), e.into_response()),
+            },
             Decision::Delegate { apiservice } => {
                 let label = if apiservice.is_empty() { DELEGATE_LABEL.to_owned() } else { apiservice.clone() };
                 let response = match &self.delegate {
@@ -139,27 +163,21 @@ impl Gateway {
                 };
                 (label, response.unwrap_or_else(RequestError::into_response))
             }
-            Decision::Remote { apiservice, discovery } => {
-                let response = self.forward_remote(&table, &apiservice, discovery, caller, request).await;
-                (apiservice, response.unwrap_or_else(RequestError::into_response))
+            Decision::Remote { route, discovery } => {
+                let response = self.forward_remote(&route, discovery, caller, request).await;
+                (route.apiservice.name.to_string(), response.unwrap_or_else(RequestError::into_response))
             }
         }
     }
 
     async fn forward_remote(
         &self,
-        table: &RoutingTable,
-        apiservice: &str,
+        route: &Route,
         discovery: bool,
         caller: Caller<'_>,
         request: Request<Incoming>,
     ) -> Result<Response<Body>, RequestError> {
-        let route = table
-            .groups()
-            .iter()
-            .flat_map(|g| &g.versions)
-            .find(|r| &*r.apiservice.name == apiservice)
-            .ok_or_else(|| RequestError::NotFound(format!("APIService {apiservice:?} is gone")))?;
+        let apiservice = &*route.apiservice.name;
         let Upstream::Remote(remote) = &route.upstream else {
             return Err(RequestError::NoDelegate { apiservice: apiservice.to_owned() });
         };
@@ -173,6 +191,22 @@ impl Gateway {
         })?;
         let target = Target { apiservice, client, authority: endpoints.pick(), discovery };
         proxy::forward(&self.forward, target, caller, request).await
+    }
+
+    /// Asks the authorizer, when there is one, whether `user` may read this own endpoint.
+    async fn authorize_own(&self, user: &UserInfo, request: &Request<Incoming>) -> Result<(), RequestError> {
+        let Some(authorizer) = &self.authorizer else { return Ok(()) };
+        let verb = request.method().as_str().to_ascii_lowercase();
+        let path = request.uri().path();
+        let decision = authorizer
+            .non_resource(user, &verb, path)
+            .await
+            .map_err(|e| RequestError::AuthorizationFailed(e.to_string()))?;
+        if decision.allowed {
+            return Ok(());
+        }
+        let reason = if decision.reason.is_empty() { String::new() } else { format!(": {}", decision.reason) };
+        Err(RequestError::Forbidden { user: user.name.clone(), verb, path: path.to_owned(), reason })
     }
 
     async fn own(&self, request: Request<Incoming>) -> Response<Body> {
@@ -204,22 +238,19 @@ fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decisi
             None => otherwise(format!("no APIService serves group {group:?}")),
         },
         ApiPath::GroupVersion { group, version, discovery } => match table.route(group, version) {
-            Some(route) => {
-                let apiservice = route.apiservice.name.to_string();
-                match route.upstream {
-                    Upstream::Local => Ok(Decision::Delegate { apiservice }),
-                    Upstream::Remote(_) => Ok(Decision::Remote { apiservice, discovery }),
-                }
-            }
+            Some(route) => match route.upstream {
+                Upstream::Local => Ok(Decision::Delegate { apiservice: route.apiservice.name.to_string() }),
+                Upstream::Remote(_) => Ok(Decision::Remote { route: route.clone(), discovery }),
+            },
             None => otherwise(format!("no APIService serves {group}/{version}")),
         },
         ApiPath::Legacy => otherwise("the core API (/api) is served by the delegate, and none is configured".into()),
         ApiPath::Other => match path {
             "/metrics" | "/debug/apiservices" => Ok(Decision::Own),
             "/version" if !has_delegate => Ok(Decision::Own),
-            // OpenAPI: the merged v2 document and the v3 index are always ours (the delegate's
-            // are inputs to them); a v3 document is ours when a remote backend owns its
-            // group-version, and the delegate's otherwise (crate::discovery::openapi).
+            // OpenAPI: the merged v2 document, the v3 index, and the v3 documents of remote
+            // group-versions are ours (crate::discovery::openapi); the delegate's own v3
+            // documents are forwarded to it.
             "/openapi/v2" | "/openapi/v3" => Ok(Decision::Own),
             _ if openapi_v3_is_remote(table, path) => Ok(Decision::Own),
             _ => otherwise(format!("no handler for path {path:?}")),

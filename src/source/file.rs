@@ -172,7 +172,9 @@ impl FileSource {
     pub async fn run(mut self, tx: watch::Sender<Option<Arc<Snapshot>>>) {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            // Access events (open, read, close without writing) are our own rescans reading
+            // the files: reacting to them would rescan forever.
+            if event.is_ok_and(|e| !e.kind.is_access()) {
                 let _ = events_tx.send(());
             }
         });
