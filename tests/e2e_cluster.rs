@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, FAKE_NODE_NAME};
 use common::cluster_proxy::{blocking, kubectl_as, ClusterProxy};
 use common::wait::eventually;
 use http::Method;
@@ -42,6 +42,24 @@ async fn node_metrics_from_metrics_server_come_through_the_proxy() {
     assert!(out.success(), "{}", out.stderr);
     let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(list["kind"], "NodeMetricsList");
+
+    // `kubectl top node` reads nodes from kube-apiserver and their usage from metrics-server,
+    // both through the proxy; metrics-server reports the stand-in kubelet after a scrape or two.
+    let kubeconfig = proxy.kubeconfig_for(&admin);
+    let top = eventually(Duration::from_secs(90), || {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            let out =
+                blocking(move || kubectl_as(Cluster::shared(), &kubeconfig, &["top", "node", "--no-headers"])).await;
+            if out.success() && out.stdout.contains(FAKE_NODE_NAME) {
+                Ok(out.stdout)
+            } else {
+                Err(format!("{}{}", out.stdout, out.stderr))
+            }
+        }
+    })
+    .await;
+    println!("kubectl top node through the proxy: {}", top.trim());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

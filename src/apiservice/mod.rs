@@ -96,20 +96,38 @@ pub fn sorted_by_group_and_version(apiservices: &[ApiService]) -> Vec<Vec<&ApiSe
     groups
 }
 
+/// Building APIServices in unit tests across the crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    pub(crate) fn local(name: &str, gpm: i32, vp: i32) -> ApiService {
-        let (version, group) = name.split_once('.').unwrap();
+    /// An APIService named `<version>.<group>`; with `service`, remote (namespace `ns`, port
+    /// 443, insecureSkipTLSVerify), else local.
+    pub(crate) fn apiservice(name: &str, gpm: i32, vp: i32, service: Option<&str>) -> ApiService {
+        let (version, group) = name.split_once('.').expect("name is <version>.<group>");
         ApiService {
             name: name.into(),
             group: group.into(),
             version: version.into(),
             group_priority_minimum: gpm,
             version_priority: vp,
-            service: None,
+            service: service.map(|s| ServiceReference {
+                namespace: "ns".into(),
+                name: s.into(),
+                port: 443,
+                ca_bundle: Arc::from(&b""[..]),
+                insecure_skip_tls_verify: true,
+            }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(name: &str, gpm: i32, vp: i32) -> ApiService {
+        testing::apiservice(name, gpm, vp, None)
     }
 
     fn order(apiservices: &[ApiService]) -> Vec<Vec<&str>> {

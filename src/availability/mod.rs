@@ -1,8 +1,8 @@
 //! Availability: this proxy's own view of whether each remote APIService answers, as
 //! kube-aggregator's availability controller computes the `Available` condition.
 //!
-//! Every 30 s, and whenever the routing table changes, each remote APIService is probed
-//! ([`probe::check`]); the result is kept as a condition (status, kube's reason, message, last
+//! Every 30 s each APIService is probed ([`probe::check`]), and after a routing-table change
+//! the new or changed ones, at most [`MAX_CONCURRENT_PROBES`] at a time; the result is kept as a condition (status, kube's reason, message, last
 //! transition), exported as `aggregator_unavailable_apiservice{name}` and shown on
 //! `/debug/apiservices`. A flip is logged once. Unlike kube-aggregator, availability does not
 //! gate routing: a request to an unavailable backend still gets the real, current error.
@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use futures_util::future::join_all;
+use futures_util::StreamExt;
 use serde::Serialize;
 
+use crate::apiservice::ApiService;
 use crate::metrics::Metrics;
 use crate::proxy::client::ClientSettings;
 use crate::routing::writer::SharedTable;
-use crate::routing::Upstream;
+use crate::routing::{Route, RoutingTable, Upstream};
 pub use probe::{Reason, Report};
 
 /// kube-aggregator re-checks every APIService every 30 s.
@@ -89,37 +90,57 @@ impl Availability {
     }
 }
 
-/// Probes every APIService in the table now; returns when all probes are done.
-pub async fn check_all(table: &SharedTable, settings: &ClientSettings, availability: &Availability, metrics: &Metrics) {
-    let table = table.load_full();
+/// Probes running at once: a large table must not open thousands of connections together.
+pub const MAX_CONCURRENT_PROBES: usize = 16;
+
+/// Probes the APIServices of the table that `select` picks, at most
+/// [`MAX_CONCURRENT_PROBES`] at a time, and forgets those no longer in the table.
+pub async fn check_selected(
+    table: &RoutingTable,
+    select: impl Fn(&Route) -> bool,
+    settings: &ClientSettings,
+    availability: &Availability,
+    metrics: &Metrics,
+) {
     let mut names = HashSet::new();
     let mut probes = Vec::new();
     for route in table.groups().iter().flat_map(|g| &g.versions) {
         names.insert(route.apiservice.name.to_string());
+        if !select(route) {
+            continue;
+        }
         let resolved = match &route.upstream {
             Upstream::Local => Ok(Vec::new()),
             Upstream::Remote(remote) => remote.endpoints.as_ref().map(|e| e.targets().to_vec()).map_err(Clone::clone),
         };
         probes.push(probe::check(&route.apiservice, resolved, settings));
     }
-    for report in join_all(probes).await {
+    let mut reports = futures_util::stream::iter(probes).buffer_unordered(MAX_CONCURRENT_PROBES);
+    while let Some(report) = reports.next().await {
         availability.record(&report, metrics);
     }
     availability.forget_except(&names, metrics);
 }
 
-/// Runs until the process ends: a check of everything every [`RECHECK_INTERVAL`] and after
-/// every routing-table change.
+/// Runs until the process ends: every APIService every [`RECHECK_INTERVAL`]; after a
+/// routing-table change, only the APIServices that are new or changed.
 pub async fn run(table: SharedTable, settings: ClientSettings, availability: Arc<Availability>, metrics: Arc<Metrics>) {
-    let mut checked_generation = None;
-    let mut last_check = tokio::time::Instant::now();
+    let mut checked: Option<Arc<RoutingTable>> = None;
+    let mut last_full = tokio::time::Instant::now();
     loop {
-        let generation = table.load().generation;
-        let due = last_check.elapsed() >= RECHECK_INTERVAL;
-        if generation > 0 && (Some(generation) != checked_generation || due) {
-            check_all(&table, &settings, &availability, &metrics).await;
-            checked_generation = Some(generation);
-            last_check = tokio::time::Instant::now();
+        let current = table.load_full();
+        if current.generation > 0 {
+            let due = checked.is_none() || last_full.elapsed() >= RECHECK_INTERVAL;
+            if due {
+                check_selected(&current, |_| true, &settings, &availability, &metrics).await;
+                last_full = tokio::time::Instant::now();
+                checked = Some(current);
+            } else if checked.as_ref().is_some_and(|c| c.generation != current.generation) {
+                let before: HashSet<&ApiService> =
+                    checked.as_deref().map(|c| c.apiservices().iter().collect()).unwrap_or_default();
+                check_selected(&current, |r| !before.contains(&r.apiservice), &settings, &availability, &metrics).await;
+                checked = Some(current);
+            }
         }
         tokio::time::sleep(TABLE_POLL).await;
     }

@@ -784,27 +784,10 @@ fn backend_inputs(table: &RoutingTable) -> HashMap<String, BackendInputs> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apiservice::ApiService;
     use crate::proxy::client::ClientCache;
     use crate::routing::StaticResolver;
 
-    fn apiservice(name: &str, gpm: i32, vp: i32, service: Option<&str>) -> ApiService {
-        let (version, group) = name.split_once('.').unwrap();
-        ApiService {
-            name: name.into(),
-            group: group.into(),
-            version: version.into(),
-            group_priority_minimum: gpm,
-            version_priority: vp,
-            service: service.map(|s| ServiceReference {
-                namespace: "ns".into(),
-                name: s.into(),
-                port: 443,
-                ca_bundle: Arc::from(&b""[..]),
-                insecure_skip_tls_verify: true,
-            }),
-        }
-    }
+    use crate::apiservice::testing::apiservice;
 
     fn items(documents: &DiscoveryDocuments) -> Vec<String> {
         let list: ApiGroupDiscoveryList = serde_json::from_slice(documents.aggregated().unwrap().body()).unwrap();

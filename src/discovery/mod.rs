@@ -112,15 +112,7 @@ mod tests {
     use crate::routing::StaticResolver;
 
     fn local(name: &str, gpm: i32, vp: i32) -> ApiService {
-        let (version, group) = name.split_once('.').unwrap();
-        ApiService {
-            name: name.into(),
-            group: group.into(),
-            version: version.into(),
-            group_priority_minimum: gpm,
-            version_priority: vp,
-            service: None,
-        }
+        crate::apiservice::testing::apiservice(name, gpm, vp, None)
     }
 
     #[test]

@@ -175,25 +175,8 @@ impl RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apiservice::ServiceReference;
 
-    fn apiservice(name: &str, gpm: i32, vp: i32, service: Option<&str>) -> ApiService {
-        let (version, group) = name.split_once('.').unwrap();
-        ApiService {
-            name: name.into(),
-            group: group.into(),
-            version: version.into(),
-            group_priority_minimum: gpm,
-            version_priority: vp,
-            service: service.map(|s| ServiceReference {
-                namespace: "ns".into(),
-                name: s.into(),
-                port: 443,
-                ca_bundle: Arc::from(&b""[..]),
-                insecure_skip_tls_verify: true,
-            }),
-        }
-    }
+    use crate::apiservice::testing::apiservice;
 
     fn resolver() -> StaticResolver {
         StaticResolver::new(HashMap::from([("ns/echo:443".to_owned(), "127.0.0.1:9443".parse().unwrap())]))
