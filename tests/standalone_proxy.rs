@@ -409,3 +409,113 @@ async fn a_backend_redirect_is_refused_with_502_and_backend_cors_headers_are_dro
     // A 3xx without Location is passed through.
     assert_eq!(status_of(&admin, &env.url("/apis/custom.example.com/v1/no-location")).await, 304);
 }
+
+/// A backend that accepts any protocol switch, greets with the user the proxy named, then
+/// echoes bytes: the shape of exec/attach/port-forward streams.
+async fn upgrade_echo_backend() -> std::net::SocketAddr {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let serving = kube_aggregation_proxy::pki::self_signed_localhost().unwrap().certified_key().unwrap();
+    let config = kube_aggregation_proxy::tls::server_config(&serving, None).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let service =
+                    hyper::service::service_fn(|mut request: http::Request<hyper::body::Incoming>| async move {
+                        let user = request
+                            .headers()
+                            .get("x-remote-user")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = upgrade.await else { return };
+                            let mut io = TokioIo::new(upgraded);
+                            let _ = io.write_all(format!("hello {user}\n").as_bytes()).await;
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                        let response = http::Response::builder()
+                            .status(101)
+                            .header("connection", "Upgrade")
+                            .header("upgrade", "echo")
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn protocol_switches_are_piped_through_with_the_authenticated_identity() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let backend = upgrade_echo_backend().await;
+    let env = Standalone::start_with(|s| s.services.push(format!("kube-system/streams:443={backend}"))).await;
+    env.write_manifest(
+        "streams.yaml",
+        &apiservice_yaml("v1.streams.example.com", 10, 10, Some(("streams", 443)), None)
+            .replace("  service:", "  insecureSkipTLSVerify: true\n  service:"),
+    );
+    let admin = env.admin();
+    eventually_status(&admin, &env.url("/apis/streams.example.com"), StatusCode::OK).await;
+
+    // A raw HTTP/1.1 client, as kubectl exec speaks it.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in kube_aggregation_proxy::tls::parse_certs(env.pki.serving_ca.cert_pem().as_bytes(), "ca").unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let key = env.pki.admin.certified_key().unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(kube_aggregation_proxy::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(key.chain.clone(), key.key.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(env.proxy.local_addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(tls);
+    stream
+        .get_mut()
+        .write_all(
+            b"GET /apis/streams.example.com/v1/namespaces/default/pods/p/exec HTTP/1.1\r\nHost: localhost\r\n\
+              Connection: Upgrade\r\nUpgrade: echo\r\nX-Remote-User: system:admin\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        tokio::time::timeout(SETTLE, stream.read_line(&mut line)).await.unwrap().unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut greeting = String::new();
+    tokio::time::timeout(SETTLE, stream.read_line(&mut greeting)).await.unwrap().unwrap();
+    assert_eq!(greeting, "hello admin\n", "the backend saw the authenticated user, not the spoofed one");
+    stream.get_mut().write_all(b"ping\n").await.unwrap();
+    let mut echoed = String::new();
+    tokio::time::timeout(SETTLE, stream.read_line(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(echoed, "ping\n");
+}

@@ -81,7 +81,40 @@ pub struct TransportError {
 #[derive(Clone)]
 pub struct BackendClient {
     client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// HTTP/1.1 only: a protocol switch (WebSocket, SPDY) cannot ride an HTTP/2 stream.
+    upgrades: Client<HttpsConnector<HttpConnector>, Body>,
     server_name: Arc<str>,
+}
+
+fn pooled_client(
+    config: ClientConfig,
+    server_name: ServerName<'static>,
+    settings: &ClientSettings,
+    http2: bool,
+) -> Client<HttpsConnector<HttpConnector>, Body> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(30)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .with_server_name_resolver(FixedServerNameResolver::new(server_name));
+    let connector = if http2 {
+        builder.enable_all_versions().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(settings.idle_timeout)
+        .pool_max_idle_per_host(settings.max_idle_per_backend)
+        .http2_keep_alive_interval(settings.http2_keep_alive_interval)
+        .http2_keep_alive_timeout(settings.http2_keep_alive_timeout)
+        .http2_keep_alive_while_idle(true)
+        .build(connector)
 }
 
 impl std::fmt::Debug for BackendClient {
@@ -95,31 +128,23 @@ impl BackendClient {
         let config = client_tls_config(tls, settings)?;
         let server_name = ServerName::try_from(tls.server_name.clone())
             .map_err(|e| TransportError { field: "spec.service", reason: format!("invalid server name: {e}") })?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(30)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_only()
-            .with_server_name_resolver(FixedServerNameResolver::new(server_name))
-            .enable_all_versions()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_backend)
-            .http2_keep_alive_interval(settings.http2_keep_alive_interval)
-            .http2_keep_alive_timeout(settings.http2_keep_alive_timeout)
-            .http2_keep_alive_while_idle(true)
-            .build(connector);
-        Ok(Self { client, server_name: tls.server_name.as_str().into() })
+        Ok(Self {
+            client: pooled_client(config.clone(), server_name.clone(), settings, true),
+            upgrades: pooled_client(config, server_name, settings, false),
+            server_name: tls.server_name.as_str().into(),
+        })
     }
 
     pub fn server_name(&self) -> &str {
         &self.server_name
+    }
+
+    /// Sends a protocol-switch request over HTTP/1.1.
+    pub async fn send_upgrade(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        self.upgrades.request(request).await
     }
 
     pub async fn send(

@@ -14,6 +14,7 @@ use axum::body::Body;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
+use hyper_util::rt::TokioIo;
 
 use crate::auth::identity;
 use crate::auth::UserInfo;
@@ -148,6 +149,9 @@ pub async fn forward(
     caller: Caller<'_>,
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, RequestError> {
+    if is_upgrade(request.headers()) {
+        return forward_upgrade(target, caller, request).await;
+    }
     let outgoing = backend_request(&target, &caller, request)?;
     let unavailable =
         |cause: String| RequestError::ServiceUnavailable { apiservice: target.apiservice.to_owned(), cause };
@@ -178,6 +182,63 @@ pub async fn forward(
         parts.headers.remove(name);
     }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Whether a request asks to switch protocols (WebSocket, SPDY for exec, attach and
+/// port-forward): its `Connection` header lists `upgrade`, as kube's check reads it.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// A protocol switch, proxied as kube-aggregator does: the request goes to the backend over
+/// HTTP/1.1 with its `Upgrade` header (and the injected identity); a `101` is passed back and
+/// both connections are then joined as a byte pipe until either side closes. A backend error
+/// (4xx, 5xx) is passed back as it is; any other answer is a 503.
+async fn forward_upgrade(
+    target: Target<'_>,
+    caller: Caller<'_>,
+    mut request: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, RequestError> {
+    let unavailable =
+        |cause: String| RequestError::ServiceUnavailable { apiservice: target.apiservice.to_owned(), cause };
+    let protocol = request.headers().get(header::UPGRADE).cloned();
+    let client_side = hyper::upgrade::on(&mut request);
+    let mut outgoing = backend_request(&target, &caller, request)?;
+    outgoing.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Some(protocol) = protocol {
+        outgoing.headers_mut().insert(header::UPGRADE, protocol);
+    }
+    let mut response = target.client.send_upgrade(outgoing).await.map_err(|e| {
+        unavailable(format!("error dialing backend: {}", describe_error(&e, target.client.server_name())))
+    })?;
+    let status = response.status();
+    if status != http::StatusCode::SWITCHING_PROTOCOLS {
+        if status.as_u16() < 400 {
+            return Err(unavailable(format!("invalid upgrade response: status code {}", status.as_u16())));
+        }
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    }
+    let backend_side = hyper::upgrade::on(&mut response);
+    let apiservice = target.apiservice.to_owned();
+    tokio::spawn(async move {
+        match tokio::try_join!(client_side, backend_side) {
+            Ok((client, backend)) => {
+                let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                    tracing::debug!(%apiservice, error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(%apiservice, error = %e, "protocol switch did not complete"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, Body::empty()))
 }
 
 #[cfg(test)]
