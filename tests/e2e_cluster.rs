@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, FAKE_NODE_NAME};
 use common::cluster_proxy::{blocking, kubectl_as, ClusterProxy};
-use common::wait::eventually;
-use http::Method;
+use common::wait::{eventually, eventually_status};
+use http::{Method, StatusCode};
 
 const CONVERGE: Duration = Duration::from_secs(10);
 
@@ -210,15 +210,7 @@ async fn apiservice_and_service_changes_reach_the_routing_table() {
     );
     let started = Instant::now();
     blocking(move || Cluster::shared().apply(&manifest).unwrap()).await;
-    eventually(CONVERGE, || async {
-        let r = client.get(&url).await.map_err(|e| e.to_string())?;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{} {}", r.status, r.text()))
-        }
-    })
-    .await;
+    eventually_status(CONVERGE, &client, &url, StatusCode::from_u16(200).unwrap()).await;
     println!("APIService created -> routed in {:?}", started.elapsed());
 
     let started = Instant::now();
@@ -229,15 +221,7 @@ async fn apiservice_and_service_changes_reach_the_routing_table() {
             .expect_success("delete service")
     })
     .await;
-    let body = eventually(CONVERGE, || async {
-        let r = client.get(&url).await.map_err(|e| e.to_string())?;
-        if r.status == 503 {
-            Ok(r.json())
-        } else {
-            Err(format!("{} {}", r.status, r.text()))
-        }
-    })
-    .await;
+    let body = eventually_status(CONVERGE, &client, &url, StatusCode::from_u16(503).unwrap()).await.json();
     println!("Service deleted -> 503 in {:?}", started.elapsed());
     assert_eq!(
         body["message"],
@@ -252,15 +236,7 @@ async fn apiservice_and_service_changes_reach_the_routing_table() {
             .expect_success("delete")
     })
     .await;
-    eventually(CONVERGE, || async {
-        let r = client.get(&url).await.map_err(|e| e.to_string())?;
-        if r.status == 404 {
-            Ok(())
-        } else {
-            Err(format!("{} {}", r.status, r.text()))
-        }
-    })
-    .await;
+    eventually_status(CONVERGE, &client, &url, StatusCode::from_u16(404).unwrap()).await;
     println!("APIService deleted -> 404 in {:?}", started.elapsed());
 }
 

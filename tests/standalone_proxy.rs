@@ -18,15 +18,7 @@ async fn status_of(client: &TestClient, url: &str) -> StatusCode {
 
 /// Polls `url` until it answers `want`, and returns that response.
 async fn eventually_status(client: &TestClient, url: &str, want: StatusCode) -> TestResponse {
-    eventually(SETTLE, || async {
-        let r = client.get(url).await.map_err(|e| e.to_string())?;
-        if r.status == want {
-            Ok(r)
-        } else {
-            Err(format!("{url}: {} {}", r.status, r.text()))
-        }
-    })
-    .await
+    common::wait::eventually_status(SETTLE, client, url, want).await
 }
 
 /// Polls `/debug/apiservices` until it lists `count` rejections, and returns it.

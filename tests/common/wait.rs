@@ -38,3 +38,21 @@ where
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
+
+/// Polls `url` with GET until it answers `want` within `deadline`, and returns that response.
+pub async fn eventually_status(
+    deadline: Duration,
+    client: &super::client::TestClient,
+    url: &str,
+    want: http::StatusCode,
+) -> super::client::TestResponse {
+    eventually(deadline, || async {
+        let r = client.get(url).await.map_err(|e| e.to_string())?;
+        if r.status == want {
+            Ok(r)
+        } else {
+            Err(format!("{url}: {} {}", r.status, r.text()))
+        }
+    })
+    .await
+}
