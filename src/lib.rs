@@ -12,10 +12,13 @@
 //! Module map, named as kube-aggregator names things: [`apiservice`] (model, validation,
 //! ordering), [`source`] (where APIServices come from), [`routing`] (the table and its writer,
 //! service resolution), [`server`] (TLS front end and the request pipeline), [`auth`]
-//! (authenticators and identity headers), [`proxy`] (backend clients and forwarding),
+//! (authenticators, identity headers, TokenReview and SubjectAccessReview in cluster mode),
+//! [`proxy`] (backend clients, forwarding, protocol switches), [`availability`] (probes and
+//! the `Available` condition), [`check`] (the troubleshooting command),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
 //! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`config`], [`app`]
-//! (wiring), [`demo`], and [`sample`] (the sample extension API server).
+//! (wiring), [`demo`], [`pki`] and [`tls`] (certificates), and [`sample`] (the sample
+//! extension API server).
 #![forbid(unsafe_code)]
 
 pub mod apiservice;
