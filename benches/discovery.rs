@@ -27,18 +27,18 @@ fn table() -> RoutingTable {
             let service = service.clone();
             versions.iter().enumerate().map(move |(i, version)| {
                 let group = format!("group{g}.bench.example.com");
-                ApiService {
+                Arc::new(ApiService {
                     name: format!("{version}.{group}").into(),
                     group: group.into(),
                     version: (*version).into(),
                     group_priority_minimum: 1000 + (g % 97) as i32,
                     version_priority: 20 - i as i32,
                     service: Some(service.clone()),
-                }
+                })
             })
         })
-        .collect();
-    RoutingTable::build(apiservices, &StaticResolver::default(), &ClientCache::default())
+        .collect::<Vec<_>>();
+    RoutingTable::build(&apiservices, &StaticResolver::default(), &ClientCache::default())
 }
 
 fn discovery(c: &mut Criterion) {

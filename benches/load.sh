@@ -34,6 +34,8 @@ CHURN_RPS=${CHURN_RPS:-2000}
 SCALE_APISERVICES=${SCALE_APISERVICES:-10000}
 KUBE_BIN_DIR=${KUBE_BIN_DIR:-$HOME/.cache/kube-aggregation-proxy/bin}
 OUT=${OUT:-$ROOT/target/load-bench/$(date +%Y%m%d-%H%M%S)}
+# The script works in its own directory: a relative OUT is relative to where it was started.
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
 TOKEN=bench-token-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
 RESOURCE_PATH=/apis/bench.example.com/v1/namespaces/default/things/thing-1
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kube_aggregation_proxy::apiservice::{ApiService, ServiceReference};
 use kube_aggregation_proxy::metrics::Metrics;
 use kube_aggregation_proxy::proxy::client::ClientCache;
@@ -22,7 +22,7 @@ use kube_aggregation_proxy::routing::{RoutingTable, ServiceResolver, StaticResol
 const SIZES: [usize; 3] = [10, 1_000, 10_000];
 
 /// `n` APIServices: `v1.group<i>.bench.example.com`, every tenth group also with `v2`.
-fn apiservices(n: usize) -> Vec<ApiService> {
+fn apiservices(n: usize) -> Vec<Arc<ApiService>> {
     let service = ServiceReference {
         namespace: "bench".into(),
         name: "backend".into(),
@@ -33,14 +33,14 @@ fn apiservices(n: usize) -> Vec<ApiService> {
     (0..n)
         .map(|i| {
             let (group, version) = (format!("group{}.bench.example.com", i / 2), if i % 2 == 0 { "v1" } else { "v2" });
-            ApiService {
+            Arc::new(ApiService {
                 name: format!("{version}.{group}").into(),
                 group: group.into(),
                 version: version.into(),
                 group_priority_minimum: 1000 + (i % 97) as i32,
                 version_priority: 15 + (i % 2) as i32,
                 service: Some(service.clone()),
-            }
+            })
         })
         .collect()
 }
@@ -64,7 +64,7 @@ fn route_lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_lookup");
     let clients = ClientCache::default();
     for n in SIZES {
-        let table = RoutingTable::build(apiservices(n), resolver().as_ref(), &clients);
+        let table = RoutingTable::build(&apiservices(n), resolver().as_ref(), &clients);
         // A group in the middle of the table, a resource path as kubectl sends it.
         let path = format!("/apis/group{}.bench.example.com/v1/namespaces/default/things/thing-1", n / 4);
         assert!(lookup(&table, &path).is_some(), "the benchmark path routes");
@@ -82,11 +82,7 @@ fn table_build(c: &mut Criterion) {
     for n in SIZES {
         let set = apiservices(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &set, |b, set| {
-            b.iter_batched(
-                || set.clone(),
-                |set| RoutingTable::build(set, resolver.as_ref(), &clients),
-                BatchSize::LargeInput,
-            )
+            b.iter_with_large_drop(|| RoutingTable::build(set, resolver.as_ref(), &clients))
         });
     }
     group.finish();
@@ -102,7 +98,9 @@ fn table_swap(c: &mut Criterion) {
     for n in SIZES {
         let a = apiservices(n);
         let mut b = a.clone();
-        b[n / 2].version_priority += 100;
+        let mut changed = (*b[n / 2]).clone();
+        changed.version_priority += 100;
+        b[n / 2] = Arc::new(changed);
         let snapshots =
             [Snapshot { apiservices: a, resolver: resolver() }, Snapshot { apiservices: b, resolver: resolver() }];
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));

@@ -57,7 +57,7 @@ pub async fn run(config: &Config, name: Option<&str>) -> Result<Outcome, String>
                 FileSource::new(dir.clone(), resolver.clone(), Default::default(), Arc::new(Default::default()));
             source.scan(true);
             let (apiservices, rejections) = source.collect();
-            (apiservices, rejections, resolver)
+            (apiservices.into_iter().map(Arc::unwrap_or_clone).collect(), rejections, resolver)
         }
         Source::Cluster { kubeconfig } => {
             let client = match kubeconfig {

@@ -3,7 +3,8 @@
 //! Names follow kube-aggregator where it has the concept (`aggregator_unavailable_apiservice`);
 //! per-APIService request metrics, which upstream lacks, are ours.
 
-use std::sync::Mutex;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,16 +14,36 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// Request labels. The APIService name is the route's own `Arc<str>` and standard methods are
+/// static strings, so counting a request allocates nothing once its series exists.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub apiservice: String,
-    pub method: String,
+    pub apiservice: Arc<str>,
+    pub method: Cow<'static, str>,
     pub code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiServiceLabels {
-    pub apiservice: String,
+    pub apiservice: Arc<str>,
+}
+
+/// A method as a label value, borrowed for the standard methods.
+fn method_label(method: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    let known = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(method.as_str().to_owned()),
+    };
+    Cow::Borrowed(known)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,16 +142,13 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, apiservice: &str, method: &http::Method, code: u16, elapsed: Duration) {
+    /// Counts one request; `apiservice` is empty for the proxy's own endpoints.
+    pub fn request(&self, apiservice: &Arc<str>, method: &http::Method, code: u16, elapsed: Duration) {
         self.requests
-            .get_or_create(&RequestLabels {
-                apiservice: apiservice.to_owned(),
-                method: method.as_str().to_owned(),
-                code,
-            })
+            .get_or_create(&RequestLabels { apiservice: apiservice.clone(), method: method_label(method), code })
             .inc();
         self.request_duration
-            .get_or_create(&ApiServiceLabels { apiservice: apiservice.to_owned() })
+            .get_or_create(&ApiServiceLabels { apiservice: apiservice.clone() })
             .observe(elapsed.as_secs_f64());
     }
 

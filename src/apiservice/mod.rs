@@ -77,21 +77,26 @@ impl ApiService {
 /// Orders APIServices the way legacy `/apis` lists them: groups by their best APIService
 /// (highest groupPriorityMinimum, then name), versions within a group by preference.
 pub fn sorted_by_group_and_version(apiservices: &[ApiService]) -> Vec<Vec<&ApiService>> {
-    let mut all: Vec<&ApiService> = apiservices.iter().collect();
-    all.sort_by(|a, b| a.cmp_group_preference(b));
-    let mut groups: Vec<Vec<&ApiService>> = Vec::new();
+    sorted_by_group_and_version_by(apiservices, |a| a)
+}
+
+/// [`sorted_by_group_and_version`] for anything that holds an APIService (routes, `Arc`s).
+pub fn sorted_by_group_and_version_by<T>(items: &[T], apiservice: impl Fn(&T) -> &ApiService) -> Vec<Vec<&T>> {
+    let mut all: Vec<&T> = items.iter().collect();
+    all.sort_by(|a, b| apiservice(a).cmp_group_preference(apiservice(b)));
+    let mut groups: Vec<Vec<&T>> = Vec::new();
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for a in all {
-        match index.get(&*a.group) {
-            Some(&i) => groups[i].push(a),
+    for item in all {
+        match index.get(&*apiservice(item).group) {
+            Some(&i) => groups[i].push(item),
             None => {
-                index.insert(&a.group, groups.len());
-                groups.push(vec![a]);
+                index.insert(&apiservice(item).group, groups.len());
+                groups.push(vec![item]);
             }
         }
     }
     for g in &mut groups {
-        g.sort_by(|a, b| a.cmp_version_preference(b));
+        g.sort_by(|a, b| apiservice(a).cmp_version_preference(apiservice(b)));
     }
     groups
 }

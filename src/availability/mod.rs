@@ -103,19 +103,23 @@ pub async fn check_selected(
     metrics: &Metrics,
 ) {
     let mut names = HashSet::new();
-    let mut probes = Vec::new();
+    let mut selected: Vec<Arc<Route>> = Vec::new();
     for route in table.groups().iter().flat_map(|g| &g.versions) {
         names.insert(route.apiservice.name.to_string());
-        if !select(route) {
-            continue;
+        if select(route) {
+            selected.push(route.clone());
         }
+    }
+    // Each probe's future is made when a slot frees up, not all up front: at 10,000
+    // APIServices, 10,000 pending futures held tens of MiB.
+    let probes = futures_util::stream::iter(selected).map(|route: Arc<Route>| async move {
         let resolved = match &route.upstream {
             Upstream::Local => Ok(Vec::new()),
             Upstream::Remote(remote) => remote.endpoints.as_ref().map(|e| e.targets().to_vec()).map_err(Clone::clone),
         };
-        probes.push(probe::check(&route.apiservice, resolved, settings));
-    }
-    let mut reports = futures_util::stream::iter(probes).buffer_unordered(MAX_CONCURRENT_PROBES);
+        probe::check(&route.apiservice, resolved, settings).await
+    });
+    let mut reports = probes.buffer_unordered(MAX_CONCURRENT_PROBES);
     while let Some(report) = reports.next().await {
         availability.record(&report, metrics);
     }
@@ -136,7 +140,7 @@ pub async fn run(table: SharedTable, settings: ClientSettings, availability: Arc
                 last_full = tokio::time::Instant::now();
                 checked = Some(current);
             } else if checked.as_ref().is_some_and(|c| c.generation != current.generation) {
-                let before: HashSet<&ApiService> =
+                let before: HashSet<&Arc<ApiService>> =
                     checked.as_deref().map(|c| c.apiservices().iter().collect()).unwrap_or_default();
                 check_selected(&current, |r| !before.contains(&r.apiservice), &settings, &availability, &metrics).await;
                 checked = Some(current);

@@ -798,11 +798,12 @@ mod tests {
     async fn delegate_groups_are_ordered_by_local_priorities_and_unreachable_backends_left_out() {
         // A remote APIService whose service resolves nowhere, and two local ones.
         let mut table = RoutingTable::build(
-            vec![
+            &[
                 apiservice("v1.apps", 17800, 15, None),
                 apiservice("v1.crd.io", 1000, 100, None),
                 apiservice("v1beta1.metrics.k8s.io", 100, 100, Some("nowhere")),
-            ],
+            ]
+            .map(Arc::new),
             &StaticResolver::default(),
             &ClientCache::default(),
         );
@@ -834,7 +835,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_delegate_the_aggregated_document_waits_for_the_delegates_own() {
         let mut table = RoutingTable::build(
-            vec![apiservice("v1.apps", 17800, 15, None)],
+            &[apiservice("v1.apps", 17800, 15, None)].map(Arc::new),
             &StaticResolver::default(),
             &ClientCache::default(),
         );

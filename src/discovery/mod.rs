@@ -107,6 +107,8 @@ pub fn api_group_document(table: &RoutingTable, name: &str) -> Option<ApiGroup> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use crate::apiservice::ApiService;
     use crate::proxy::client::ClientCache;
     use crate::routing::StaticResolver;
@@ -118,7 +120,8 @@ mod tests {
     #[test]
     fn group_list_skips_core_and_prefers_first_version() {
         let table = RoutingTable::build(
-            vec![local("v1.", 18000, 1), local("v1.b.io", 10, 5), local("v2.b.io", 10, 15), local("v1.a.io", 20, 1)],
+            &[local("v1.", 18000, 1), local("v1.b.io", 10, 5), local("v2.b.io", 10, 15), local("v1.a.io", 20, 1)]
+                .map(Arc::new),
             &StaticResolver::default(),
             &ClientCache::default(),
         );

@@ -69,7 +69,7 @@ impl Default for ForwardSettings {
 pub struct Caller<'a> {
     pub user: &'a UserInfo,
     pub remote_addr: SocketAddr,
-    pub audit_id: &'a str,
+    pub audit_id: &'a HeaderValue,
 }
 
 /// One forwarding target: a backend client and the address picked for this request.
@@ -110,7 +110,7 @@ fn backend_request(
 ) -> Result<Request<Body>, RequestError> {
     let (mut parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().cloned();
-    let path = parts.uri.path().to_owned();
+    let forwarded_uri = HeaderValue::from_str(parts.uri.path());
     let mut uri = Uri::builder().scheme(Scheme::HTTPS).authority(target.authority.clone());
     if let Some(pq) = path_and_query {
         uri = uri.path_and_query(pq);
@@ -133,12 +133,10 @@ fn backend_request(
     if let Ok(v) = HeaderValue::from_str(target.authority.as_str()) {
         headers.insert(HEADER_X_FORWARDED_HOST, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&path) {
+    if let Ok(v) = forwarded_uri {
         headers.insert(HEADER_X_FORWARDED_URI, v);
     }
-    if let Ok(v) = HeaderValue::from_str(caller.audit_id) {
-        headers.insert(HEADER_AUDIT_ID, v);
-    }
+    headers.insert(HEADER_AUDIT_ID, caller.audit_id.clone());
     Ok(Request::from_parts(parts, Body::new(body)))
 }
 

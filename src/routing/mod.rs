@@ -3,19 +3,24 @@
 //! One writer ([`writer`]) builds a complete table from a snapshot of APIServices and service
 //! resolution, and swaps it in with arc-swap only when it differs from the one serving.
 //! Requests take one `load_full()` and never hold a lock: a table, once published, is never
-//! mutated (the round-robin cursor of a route's endpoints is the only atomic inside).
+//! mutated (the round-robin cursor of a backend's endpoints is the only atomic inside).
+//!
+//! A build does the per-backend work (service resolution, the TLS client) once per distinct
+//! `spec.service`, not once per APIService: the versions and groups of one extension server
+//! share one [`RemoteUpstream`], so 10,000 APIServices on a few backends cost a few lookups.
 
 pub mod path;
 pub mod resolver;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::uri::Authority;
 
-use crate::apiservice::{sorted_by_group_and_version, ApiService};
+use crate::apiservice::{sorted_by_group_and_version_by, ApiService, ServiceReference};
 use crate::proxy::client::{BackendClient, BackendTls, ClientCache, TransportError};
 pub use resolver::{ResolveError, ServiceResolver, StaticResolver};
 
@@ -24,7 +29,8 @@ pub use resolver::{ResolveError, ServiceResolver, StaticResolver};
 pub enum Upstream {
     /// A local APIService: the delegate (kube-apiserver) serves it.
     Local,
-    Remote(Box<RemoteUpstream>),
+    /// Shared by every route of the same `spec.service` in one table.
+    Remote(Arc<RemoteUpstream>),
 }
 
 /// A remote APIService's backend: its client and resolved endpoints, or why it has none.
@@ -60,7 +66,8 @@ impl Endpoints {
 /// One APIService's route.
 #[derive(Debug)]
 pub struct Route {
-    pub apiservice: ApiService,
+    /// The same allocation as the source's and the table's inputs: never copied per table.
+    pub apiservice: Arc<ApiService>,
     pub upstream: Upstream,
 }
 
@@ -77,12 +84,62 @@ impl GroupRoutes {
     }
 }
 
-/// What a table was built from; equal inputs build equal tables.
+/// The result of resolving one `spec.service`; shared by the APIServices that name it.
+type Resolved = Arc<Result<Vec<Authority>, ResolveError>>;
+
+/// What a table is built from; equal inputs build equal tables.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Inputs {
-    apiservices: Vec<ApiService>,
-    resolved: Vec<Option<Result<Vec<Authority>, ResolveError>>>,
+pub struct Inputs {
+    /// Sorted by name. Shared with the source's snapshot, not copied.
+    apiservices: Vec<Arc<ApiService>>,
+    /// Per APIService, in the same order: `None` for a local one.
+    resolved: Vec<Option<Resolved>>,
 }
+
+impl Inputs {
+    /// Sorts `apiservices` by name and resolves each distinct service once.
+    pub fn resolve(apiservices: &[Arc<ApiService>], resolver: &dyn ServiceResolver) -> Self {
+        let mut apiservices = apiservices.to_vec();
+        apiservices.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let mut memo: HashMap<(&str, &str, u16), Resolved> = HashMap::new();
+        let resolved = apiservices
+            .iter()
+            .map(|a| {
+                a.service.as_ref().map(|s| {
+                    memo.entry((&*s.namespace, &*s.name, s.port))
+                        .or_insert_with(|| Arc::new(resolver.resolve(s)))
+                        .clone()
+                })
+            })
+            .collect();
+        Self { apiservices, resolved }
+    }
+}
+
+/// A `spec.service` as a key of one build's memo: hashes the cheap fields only (the caBundle by
+/// length, not content) and compares in full, so APIServices sharing a caBundle `Arc` (or an
+/// equal one) share an upstream without the bundle being hashed per APIService.
+struct ServiceKey<'a>(&'a ServiceReference);
+
+impl Hash for ServiceKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let s = self.0;
+        (&*s.namespace, &*s.name, s.port, s.ca_bundle.len(), s.insecure_skip_tls_verify).hash(state);
+    }
+}
+
+impl PartialEq for ServiceKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.0, other.0);
+        a.namespace == b.namespace
+            && a.name == b.name
+            && a.port == b.port
+            && a.insecure_skip_tls_verify == b.insecure_skip_tls_verify
+            && (Arc::ptr_eq(&a.ca_bundle, &b.ca_bundle) || a.ca_bundle == b.ca_bundle)
+    }
+}
+
+impl Eq for ServiceKey<'_> {}
 
 /// The immutable routing snapshot.
 #[derive(Debug, Default)]
@@ -91,62 +148,74 @@ pub struct RoutingTable {
     groups: Vec<GroupRoutes>,
     by_group: HashMap<Arc<str>, usize>,
     inputs: Inputs,
+    /// The distinct TLS identities of the routes, so the client cache can drop the rest.
+    backend_tls: Vec<BackendTls>,
     /// Bumped by the writer on every swap; lets tests and metrics see a new table.
     pub generation: u64,
 }
 
 impl RoutingTable {
     /// Builds a table. `apiservices` must have unique names (sources guarantee it).
-    pub fn build(apiservices: Vec<ApiService>, resolver: &dyn ServiceResolver, clients: &ClientCache) -> Self {
-        let mut apiservices = apiservices;
-        apiservices.sort_by(|a, b| a.name.cmp(&b.name));
-        let resolved: Vec<_> = apiservices.iter().map(|a| a.service.as_ref().map(|s| resolver.resolve(s))).collect();
-        Self::from_inputs(Inputs { apiservices, resolved }, clients)
+    pub fn build(apiservices: &[Arc<ApiService>], resolver: &dyn ServiceResolver, clients: &ClientCache) -> Self {
+        Self::from_inputs(Inputs::resolve(apiservices, resolver), clients)
     }
 
-    fn from_inputs(inputs: Inputs, clients: &ClientCache) -> Self {
-        let resolution: HashMap<&str, &Option<Result<Vec<Authority>, ResolveError>>> =
-            inputs.apiservices.iter().map(|a| &*a.name).zip(&inputs.resolved).collect();
+    /// Builds a table from resolved inputs, the TLS client and endpoints of each distinct
+    /// service made once.
+    pub fn from_inputs(inputs: Inputs, clients: &ClientCache) -> Self {
+        let mut upstreams: HashMap<ServiceKey<'_>, Arc<RemoteUpstream>> = HashMap::new();
+        let mut backend_tls = Vec::new();
+        let routes: Vec<Arc<Route>> = inputs
+            .apiservices
+            .iter()
+            .zip(&inputs.resolved)
+            .map(|(a, resolved)| {
+                let upstream = match (&a.service, resolved) {
+                    (Some(service), Some(resolved)) => Upstream::Remote(
+                        upstreams
+                            .entry(ServiceKey(service))
+                            .or_insert_with(|| {
+                                let tls = BackendTls::for_service(service);
+                                let client = clients.get(&tls);
+                                backend_tls.push(tls);
+                                Arc::new(RemoteUpstream {
+                                    client,
+                                    endpoints: match &**resolved {
+                                        Ok(targets) if targets.is_empty() => Err(ResolveError::NoEndpoints {
+                                            namespace: service.namespace.to_string(),
+                                            name: service.name.to_string(),
+                                        }),
+                                        Ok(targets) => Ok(Endpoints::new(targets.clone())),
+                                        Err(e) => Err(e.clone()),
+                                    },
+                                })
+                            })
+                            .clone(),
+                    ),
+                    _ => Upstream::Local,
+                };
+                Arc::new(Route { apiservice: a.clone(), upstream })
+            })
+            .collect();
+        drop(upstreams);
         let mut groups = Vec::new();
         let mut by_group = HashMap::new();
-        for group in sorted_by_group_and_version(&inputs.apiservices) {
-            let name: Arc<str> = group[0].group.clone();
-            let versions = group
-                .into_iter()
-                .map(|a| {
-                    let upstream = match (&a.service, resolution.get(&*a.name)) {
-                        (Some(service), Some(Some(resolved))) => Upstream::Remote(Box::new(RemoteUpstream {
-                            client: clients.get(&BackendTls::for_service(service)),
-                            endpoints: match resolved {
-                                Ok(targets) if targets.is_empty() => Err(ResolveError::NoEndpoints {
-                                    namespace: service.namespace.to_string(),
-                                    name: service.name.to_string(),
-                                }),
-                                Ok(targets) => Ok(Endpoints::new(targets.clone())),
-                                Err(e) => Err(e.clone()),
-                            },
-                        })),
-                        _ => Upstream::Local,
-                    };
-                    Arc::new(Route { apiservice: a.clone(), upstream })
-                })
-                .collect();
+        for group in sorted_by_group_and_version_by(&routes, |r| &*r.apiservice) {
+            let name: Arc<str> = group[0].apiservice.group.clone();
             by_group.insert(name.clone(), groups.len());
-            groups.push(GroupRoutes { name, versions });
+            groups.push(GroupRoutes { name, versions: group.into_iter().cloned().collect() });
         }
-        Self { groups, by_group, inputs, generation: 0 }
+        Self { groups, by_group, inputs, backend_tls, generation: 0 }
     }
 
     /// Whether building from these inputs would give this very table.
-    pub fn is_built_from(&self, apiservices: &[ApiService], resolver: &dyn ServiceResolver) -> bool {
-        let mut sorted: Vec<&ApiService> = apiservices.iter().collect();
-        sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        sorted.len() == self.inputs.apiservices.len()
-            && sorted.iter().zip(&self.inputs.apiservices).all(|(a, b)| *a == b)
-            && sorted
-                .iter()
-                .zip(&self.inputs.resolved)
-                .all(|(a, r)| a.service.as_ref().map(|s| resolver.resolve(s)) == *r)
+    pub fn is_built_from(&self, apiservices: &[Arc<ApiService>], resolver: &dyn ServiceResolver) -> bool {
+        self.is_built_from_inputs(&Inputs::resolve(apiservices, resolver))
+    }
+
+    /// Whether this table was built from `inputs`: the writer's check, without resolving twice.
+    pub fn is_built_from_inputs(&self, inputs: &Inputs) -> bool {
+        self.inputs == *inputs
     }
 
     pub fn route(&self, group: &str, version: &str) -> Option<&Arc<Route>> {
@@ -162,13 +231,14 @@ impl RoutingTable {
         &self.groups
     }
 
-    pub fn apiservices(&self) -> &[ApiService] {
+    /// Every APIService of the table, by name.
+    pub fn apiservices(&self) -> &[Arc<ApiService>] {
         &self.inputs.apiservices
     }
 
     /// The TLS identities in use, so the client cache can drop the rest.
     pub fn backend_tls_in_use(&self) -> HashSet<BackendTls> {
-        self.inputs.apiservices.iter().filter_map(|a| a.service.as_ref()).map(BackendTls::for_service).collect()
+        self.backend_tls.iter().cloned().collect()
     }
 }
 
@@ -186,11 +256,11 @@ mod tests {
     fn routes_resolve_by_group_and_version_with_preferred_first() {
         let clients = ClientCache::default();
         let table = RoutingTable::build(
-            vec![
-                apiservice("v1.echo.io", 100, 10, Some("echo")),
-                apiservice("v2.echo.io", 100, 20, Some("echo")),
-                apiservice("v1.", 18000, 1, None),
-                apiservice("v1.missing.io", 50, 1, Some("gone")),
+            &[
+                Arc::new(apiservice("v1.echo.io", 100, 10, Some("echo"))),
+                Arc::new(apiservice("v2.echo.io", 100, 20, Some("echo"))),
+                Arc::new(apiservice("v1.", 18000, 1, None)),
+                Arc::new(apiservice("v1.missing.io", 50, 1, Some("gone"))),
             ],
             &resolver(),
             &clients,
@@ -205,18 +275,44 @@ mod tests {
         assert_eq!(missing.endpoints.as_ref().unwrap_err().to_string(), "service ns/gone not found");
         assert!(matches!(table.route("", "v1").unwrap().upstream, Upstream::Local));
         assert!(table.route("echo.io", "v3").is_none());
-        // Two APIServices on one backend share one client.
+        // Two APIServices on one backend share one client and one upstream.
         assert_eq!(clients.len(), 2);
+        let Upstream::Remote(v2) = &table.route("echo.io", "v2").unwrap().upstream else { panic!() };
+        assert!(Arc::ptr_eq(remote, v2));
+        assert_eq!(table.backend_tls_in_use().len(), 2);
     }
 
     #[test]
     fn a_table_knows_the_inputs_it_was_built_from() {
         let clients = ClientCache::default();
-        let set = vec![apiservice("v1.echo.io", 100, 10, Some("echo"))];
-        let table = RoutingTable::build(set.clone(), &resolver(), &clients);
+        let set = vec![Arc::new(apiservice("v1.echo.io", 100, 10, Some("echo")))];
+        let table = RoutingTable::build(&set, &resolver(), &clients);
         assert!(table.is_built_from(&set, &resolver()));
+        // Equal content in other allocations is the same input.
+        assert!(table.is_built_from(&[Arc::new(apiservice("v1.echo.io", 100, 10, Some("echo")))], &resolver()));
         assert!(!table.is_built_from(&set, &StaticResolver::default()));
-        assert!(!table.is_built_from(&[apiservice("v1.echo.io", 100, 11, Some("echo"))], &resolver()));
+        assert!(!table.is_built_from(&[Arc::new(apiservice("v1.echo.io", 100, 11, Some("echo")))], &resolver()));
+    }
+
+    #[test]
+    fn services_differing_only_in_ca_bundle_get_their_own_upstream() {
+        let clients = ClientCache::default();
+        let mut other = apiservice("v1.other.io", 100, 10, Some("echo"));
+        if let Some(s) = other.service.as_mut() {
+            s.ca_bundle = Arc::from(&b"not a bundle"[..]);
+            s.insecure_skip_tls_verify = false;
+        }
+        let table = RoutingTable::build(
+            &[Arc::new(apiservice("v1.echo.io", 100, 10, Some("echo"))), Arc::new(other)],
+            &resolver(),
+            &clients,
+        );
+        let Upstream::Remote(echo) = &table.route("echo.io", "v1").unwrap().upstream else { panic!() };
+        let Upstream::Remote(other) = &table.route("other.io", "v1").unwrap().upstream else { panic!() };
+        assert!(!Arc::ptr_eq(echo, other));
+        assert!(echo.client.is_ok());
+        assert!(other.client.is_err(), "an unparsable caBundle is this upstream's own error");
+        assert_eq!(table.backend_tls_in_use().len(), 2);
     }
 
     #[test]

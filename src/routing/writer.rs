@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use super::{RoutingTable, ServiceResolver};
+use super::{Inputs, RoutingTable, ServiceResolver};
 use crate::apiservice::ApiService;
 use crate::metrics::Metrics;
 use crate::proxy::client::ClientCache;
@@ -17,7 +17,8 @@ use crate::proxy::client::ClientCache;
 /// Everything a table is built from, as one source saw it at one moment.
 #[derive(Clone)]
 pub struct Snapshot {
-    pub apiservices: Vec<ApiService>,
+    /// Shared with the source's own state and the tables built from it.
+    pub apiservices: Vec<Arc<ApiService>>,
     pub resolver: Arc<dyn ServiceResolver>,
 }
 
@@ -45,14 +46,16 @@ pub async fn run(
 }
 
 /// Builds and swaps in a table for `snapshot`, unless the serving table already matches it.
-/// Returns whether a new table was published.
+/// Returns whether a new table was published. Services are resolved once, for both the
+/// comparison and the build.
 pub fn apply(snapshot: &Snapshot, table: &SharedTable, clients: &ClientCache, metrics: &Metrics) -> bool {
     let current = table.load();
-    if current.generation > 0 && current.is_built_from(&snapshot.apiservices, snapshot.resolver.as_ref()) {
+    let started = std::time::Instant::now();
+    let inputs = Inputs::resolve(&snapshot.apiservices, snapshot.resolver.as_ref());
+    if current.generation > 0 && current.is_built_from_inputs(&inputs) {
         return false;
     }
-    let started = std::time::Instant::now();
-    let mut next = RoutingTable::build(snapshot.apiservices.clone(), snapshot.resolver.as_ref(), clients);
+    let mut next = RoutingTable::from_inputs(inputs, clients);
     next.generation = current.generation + 1;
     let in_use = next.backend_tls_in_use();
     let count = next.apiservices().len();

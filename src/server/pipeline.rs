@@ -10,7 +10,7 @@
 //!    answer from the proxy's own endpoints.
 //! 6. Log and count, with the Audit-ID the backend also saw.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -64,41 +64,50 @@ enum Decision {
         discovery: bool,
     },
     Delegate {
-        apiservice: String,
+        /// The local APIService, if one routed it here.
+        apiservice: Option<Arc<str>>,
     },
 }
 
 const DELEGATE_LABEL: &str = "delegate";
 
+/// The metrics labels that are not an APIService's name, made once.
+static OWN_METRICS_LABEL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+static DELEGATE_METRICS_LABEL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(DELEGATE_LABEL));
+
+/// The client's Audit-ID when it sent a usable one, else a new v4 UUID, as a header value
+/// made once and shared by the backend request and the response.
+fn audit_id(request: &Request<Incoming>) -> HeaderValue {
+    if let Some(v) = request.headers().get(HEADER_AUDIT_ID) {
+        if v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 128) {
+            return v.clone();
+        }
+    }
+    // From the thread-local CSPRNG: `Uuid::new_v4` makes a getrandom(2) syscall per request.
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut buf)).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 impl Gateway {
     pub async fn handle(&self, conn: &ConnectionInfo, mut request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
-        let audit_id = request
-            .headers()
-            .get(HEADER_AUDIT_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_owned)
-            // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` makes a getrandom(2)
-            // syscall per request.
-            .unwrap_or_else(|| uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string());
+        let audit_id = audit_id(&request);
 
         let (label, mut response) = if endpoints::is_probe(request.uri().path()) {
-            (String::new(), self.own(request).await)
+            (OWN_METRICS_LABEL.clone(), self.own(request).await)
         } else {
             match self.authenticated(conn, &mut request).await {
-                Err(e) => (String::new(), e.into_response()),
+                Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
                 Ok(user) => self.route_and_forward(conn, &user, &audit_id, request).await,
             }
         };
 
-        if let Ok(v) = HeaderValue::from_str(&audit_id) {
-            response.headers_mut().insert(HEADER_AUDIT_ID, v);
-        }
+        response.headers_mut().insert(HEADER_AUDIT_ID, audit_id.clone());
         let code = response.status().as_u16();
         self.metrics.request(&label, &method, code, started.elapsed());
-        tracing::debug!(%method, apiservice = %label, code, audit_id, elapsed = ?started.elapsed(), "request");
+        tracing::debug!(%method, apiservice = %label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
         response
     }
 
@@ -121,11 +130,11 @@ impl Gateway {
         &self,
         conn: &ConnectionInfo,
         user: &UserInfo,
-        audit_id: &str,
+        audit_id: &HeaderValue,
         request: Request<Incoming>,
-    ) -> (String, Response<Body>) {
+    ) -> (Arc<str>, Response<Body>) {
         if !*self.ready.borrow() {
-            return (String::new(), RequestError::NotReady.into_response());
+            return (OWN_METRICS_LABEL.clone(), RequestError::NotReady.into_response());
         }
         let table = self.table.load_full();
         let decision = match decide(&table, request.uri().path(), self.delegate.is_some()) {
@@ -136,19 +145,19 @@ impl Gateway {
                     && self.delegate.is_some()
                     && !crate::discovery::aggregated::accepts_json(request.headers()) =>
             {
-                Decision::Delegate { apiservice: String::new() }
+                Decision::Delegate { apiservice: None }
             }
             Ok(d) => d,
-            Err(e) => return (String::new(), e.into_response()),
+            Err(e) => return (OWN_METRICS_LABEL.clone(), e.into_response()),
         };
         let caller = Caller { user, remote_addr: conn.remote_addr, audit_id };
         match decision {
             Decision::Own => match self.authorize_own(user, &request).await {
-                Ok(()) => (String::new(), self.own(request).await),
-                Err(e) => (String::new(), e.into_response()),
+                Ok(()) => (OWN_METRICS_LABEL.clone(), self.own(request).await),
+                Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
             },
             Decision::Delegate { apiservice } => {
-                let label = if apiservice.is_empty() { DELEGATE_LABEL.to_owned() } else { apiservice.clone() };
+                let label = apiservice.clone().unwrap_or_else(|| DELEGATE_METRICS_LABEL.clone());
                 let response = match &self.delegate {
                     Some(d) => {
                         let target = Target {
@@ -159,13 +168,15 @@ impl Gateway {
                         };
                         proxy::forward(&self.forward, target, caller, request).await
                     }
-                    None => Err(RequestError::NoDelegate { apiservice }),
+                    None => Err(RequestError::NoDelegate {
+                        apiservice: apiservice.map(|a| a.to_string()).unwrap_or_default(),
+                    }),
                 };
                 (label, response.unwrap_or_else(RequestError::into_response))
             }
             Decision::Remote { route, discovery } => {
                 let response = self.forward_remote(&route, discovery, caller, request).await;
-                (route.apiservice.name.to_string(), response.unwrap_or_else(RequestError::into_response))
+                (route.apiservice.name.clone(), response.unwrap_or_else(RequestError::into_response))
             }
         }
     }
@@ -226,7 +237,7 @@ fn not_found(what: String) -> RequestError {
 fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decision, RequestError> {
     let otherwise = |what: String| {
         if has_delegate {
-            Ok(Decision::Delegate { apiservice: String::new() })
+            Ok(Decision::Delegate { apiservice: None })
         } else {
             Err(not_found(what))
         }
@@ -239,7 +250,7 @@ fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decisi
         },
         ApiPath::GroupVersion { group, version, discovery } => match table.route(group, version) {
             Some(route) => match route.upstream {
-                Upstream::Local => Ok(Decision::Delegate { apiservice: route.apiservice.name.to_string() }),
+                Upstream::Local => Ok(Decision::Delegate { apiservice: Some(route.apiservice.name.clone()) }),
                 Upstream::Remote(_) => Ok(Decision::Remote { route: route.clone(), discovery }),
             },
             None => otherwise(format!("no APIService serves {group}/{version}")),

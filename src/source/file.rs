@@ -5,7 +5,7 @@
 //! last good objects it had and its error is logged and shown on `/debug/apiservices`; other
 //! files are unaffected. When two files define the same APIService, the first by path wins.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -33,8 +33,8 @@ struct FileState {
     modified: Option<SystemTime>,
     len: u64,
     digest: [u8; 32],
-    /// The last good objects of this file.
-    objects: Vec<ApiService>,
+    /// The last good objects of this file, shared with the snapshots and tables built from it.
+    objects: Vec<Arc<ApiService>>,
     /// Why the current content is not used, if it is not.
     error: Option<String>,
 }
@@ -46,6 +46,9 @@ pub struct FileSource {
     rejections: SharedRejections,
     metrics: Arc<Metrics>,
     dir_error: Option<String>,
+    /// Each distinct caBundle once: thousands of APIServices usually trust a handful of CAs,
+    /// and a shared `Arc` also makes the routing table's per-service comparison a pointer check.
+    ca_bundles: HashSet<Arc<[u8]>>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -61,7 +64,7 @@ impl FileSource {
         rejections: SharedRejections,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { dir, resolver, files: BTreeMap::new(), rejections, metrics, dir_error: None }
+        Self { dir, resolver, files: BTreeMap::new(), rejections, metrics, dir_error: None, ca_bundles: HashSet::new() }
     }
 
     /// Re-reads the directory. With `force`, every file's content is compared; otherwise only
@@ -90,6 +93,10 @@ impl FileSource {
         let mut changed = self.files.len() != before;
         for path in listing {
             changed |= self.refresh(&path, force);
+        }
+        if changed {
+            // Bundles no file uses any more: only this set holds them.
+            self.ca_bundles.retain(|b| Arc::strong_count(b) > 1);
         }
         changed
     }
@@ -121,7 +128,8 @@ impl FileSource {
         match load_file(&text, &path.display().to_string()) {
             Ok(objects) => {
                 tracing::info!(file = %path.display(), apiservices = objects.len(), "loaded manifest");
-                state.objects = objects;
+                let ca_bundles = &mut self.ca_bundles;
+                state.objects = objects.into_iter().map(|a| Arc::new(share_ca_bundle(a, ca_bundles))).collect();
                 state.error = None;
             }
             Err(reason) => {
@@ -133,7 +141,7 @@ impl FileSource {
     }
 
     /// The union of every file's objects, and the rejections (bad files, duplicates).
-    pub fn collect(&self) -> (Vec<ApiService>, Vec<Rejection>) {
+    pub fn collect(&self) -> (Vec<Arc<ApiService>>, Vec<Rejection>) {
         let mut seen: HashMap<Arc<str>, &Path> = HashMap::new();
         let mut apiservices = Vec::new();
         let mut rejections = Vec::new();
@@ -215,6 +223,19 @@ impl FileSource {
     }
 }
 
+/// `a` with its caBundle replaced by the equal one already held, if any.
+fn share_ca_bundle(mut a: ApiService, ca_bundles: &mut HashSet<Arc<[u8]>>) -> ApiService {
+    if let Some(service) = a.service.as_mut() {
+        match ca_bundles.get(&service.ca_bundle) {
+            Some(shared) => service.ca_bundle = shared.clone(),
+            None => {
+                ca_bundles.insert(service.ca_bundle.clone());
+            }
+        }
+    }
+    a
+}
+
 /// Parses and validates one file; any problem rejects the whole file, with every reason.
 fn load_file(text: &str, file: &str) -> Result<Vec<ApiService>, String> {
     let objects = parse_documents(text, file).map_err(|e| e.to_string())?;
@@ -280,6 +301,27 @@ mod tests {
         assert!(s.scan(false));
         assert_eq!(names(&s), ["v1.a.io"]);
         assert!(!s.scan(true), "nothing changed");
+    }
+
+    #[test]
+    fn apiservices_trusting_the_same_ca_share_one_ca_bundle() {
+        let remote = |name: &str| {
+            let (version, group) = name.split_once('.').unwrap();
+            format!(
+                "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: {name}}}\n\
+                 spec: {{group: {group}, version: {version}, groupPriorityMinimum: 1, versionPriority: 1,\
+                 caBundle: Zm9v, service: {{namespace: ns, name: backend}}}}\n"
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), remote("v1.a.io")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), remote("v1.b.io")).unwrap();
+        let mut s = source(dir.path());
+        s.scan(true);
+        let (apiservices, _) = s.collect();
+        let bundles: Vec<_> = apiservices.iter().map(|a| a.service.as_ref().unwrap().ca_bundle.clone()).collect();
+        assert_eq!(&*bundles[0], b"foo");
+        assert!(Arc::ptr_eq(&bundles[0], &bundles[1]));
     }
 
     #[test]

@@ -215,7 +215,7 @@ impl ClusterSource {
             let mut rejected = BTreeMap::new();
             for object in apiservices.state() {
                 match validate(&object) {
-                    Ok(a) => valid.push(a),
+                    Ok(a) => valid.push(Arc::new(a)),
                     Err(e) => {
                         rejected.insert(e.name.clone(), e.to_string());
                     }
