@@ -1,9 +1,10 @@
 //! Legacy discovery: building `/apis` (APIGroupList) from the routing table and serializing it
 //! to JSON, at 1,000 groups (half of them with two versions), as the `/apis` handler does.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kube_aggregation_proxy::apiservice::{ApiService, ServiceReference};
@@ -53,10 +54,7 @@ fn discovery(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    config = common::quick();
     targets = discovery
 }
 criterion_main!(benches);

@@ -2,8 +2,9 @@
 //! `Authorization`, the configured requestheader names) and injecting the authenticated user,
 //! on the header set kubectl sends plus one spoofing attempt.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::header::{HeaderName, HeaderValue};
@@ -54,10 +55,7 @@ fn identity(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    config = common::quick();
     targets = identity
 }
 criterion_main!(benches);

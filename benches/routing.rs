@@ -5,10 +5,11 @@
 //! Every APIService here is remote and shares one backend, as versions of one extension server
 //! do, so a build measures the table itself, not TLS client construction (built once, cached).
 
+mod common;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -120,10 +121,7 @@ fn table_swap(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    config = common::quick();
     targets = route_lookup, table_build, table_swap
 }
 criterion_main!(benches);
