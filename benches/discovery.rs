@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kube_aggregation_proxy::apiservice::{ApiService, ServiceReference};
+use kube_aggregation_proxy::apiservice::ApiService;
 use kube_aggregation_proxy::discovery::api_group_list;
 use kube_aggregation_proxy::proxy::client::ClientCache;
 use kube_aggregation_proxy::routing::{RoutingTable, StaticResolver};
@@ -15,13 +15,7 @@ use kube_aggregation_proxy::routing::{RoutingTable, StaticResolver};
 const GROUPS: usize = 1_000;
 
 fn table() -> RoutingTable {
-    let service = ServiceReference {
-        namespace: "bench".into(),
-        name: "backend".into(),
-        port: 443,
-        ca_bundle: Arc::from(&b""[..]),
-        insecure_skip_tls_verify: true,
-    };
+    let service = common::backend_service();
     let apiservices = (0..GROUPS)
         .flat_map(|g| {
             let versions: &[&str] = if g % 2 == 0 { &["v1", "v1beta1"] } else { &["v1"] };

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use kube_aggregation_proxy::apiservice::{ApiService, ServiceReference};
+use kube_aggregation_proxy::apiservice::ApiService;
 use kube_aggregation_proxy::metrics::Metrics;
 use kube_aggregation_proxy::proxy::client::ClientCache;
 use kube_aggregation_proxy::routing::path::{classify, ApiPath};
@@ -24,13 +24,7 @@ const SIZES: [usize; 3] = [10, 1_000, 10_000];
 
 /// `n` APIServices: `v1.group<i>.bench.example.com`, every tenth group also with `v2`.
 fn apiservices(n: usize) -> Vec<Arc<ApiService>> {
-    let service = ServiceReference {
-        namespace: "bench".into(),
-        name: "backend".into(),
-        port: 443,
-        ca_bundle: Arc::from(&b""[..]),
-        insecure_skip_tls_verify: true,
-    };
+    let service = common::backend_service();
     (0..n)
         .map(|i| {
             let (group, version) = (format!("group{}.bench.example.com", i / 2), if i % 2 == 0 { "v1" } else { "v2" });

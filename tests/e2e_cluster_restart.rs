@@ -8,18 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::Cluster;
-use common::cluster_proxy::{blocking, ClusterProxy};
+use common::cluster_proxy::{blocking, owned_cluster, ClusterProxy};
 use common::wait::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_keeps_serving_while_kube_apiserver_restarts_and_then_catches_up() {
-    let cluster: &'static Cluster = blocking(|| {
-        let cluster = Box::leak(Box::new(Cluster::start().expect("cluster starts")));
-        cluster.sample_apiserver();
-        &*cluster
-    })
-    .await;
+    let cluster = owned_cluster(false).await;
     let proxy = ClusterProxy::start(cluster, |_| {}).await;
     let admin = blocking(move || cluster.mint_user("restart-admin", &["system:masters"]).unwrap()).await;
     let client = proxy.client_as(&admin);

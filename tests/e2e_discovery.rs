@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::client::TestClient;
 use common::cluster::{Cluster, User};
-use common::cluster_proxy::{blocking, kubectl_as, ClusterProxy};
+use common::cluster_proxy::{blocking, kubectl_as, owned_cluster, ClusterProxy};
 use common::wait::eventually;
 use http::Method;
 use kube_aggregation_proxy::pki::PemPair;
@@ -123,13 +123,7 @@ async fn kubectl_discovers_the_same_apis_through_the_proxy_as_from_kube_apiserve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_metrics_server_leaves_its_group_stale_and_the_rest_working() {
-    let cluster: &'static Cluster = blocking(|| {
-        let cluster = Box::leak(Box::new(Cluster::start().expect("cluster starts")));
-        cluster.metrics_server();
-        cluster.sample_apiserver();
-        &*cluster
-    })
-    .await;
+    let cluster = owned_cluster(true).await;
     let proxy = ClusterProxy::start(cluster, |_| {}).await;
     let admin = blocking(move || cluster.mint_user("stale-admin", &["system:masters"]).unwrap()).await;
     let client = proxy.client_as(&admin);

@@ -80,3 +80,18 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 pub fn kubectl_as(cluster: &'static Cluster, kubeconfig: &Path, args: &[&str]) -> super::cluster::KubectlOutput {
     cluster.kubectl_as(kubeconfig, args).expect("kubectl runs")
 }
+
+/// A cluster owned by one test (for tests that stop its parts), with sample-apiserver and,
+/// if asked, metrics-server running. It is leaked so it lives as long as the test's `'static`
+/// borrows; its processes still end with the test binary (see `cluster::process`).
+pub async fn owned_cluster(with_metrics_server: bool) -> &'static Cluster {
+    blocking(move || {
+        let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start().expect("cluster starts")));
+        if with_metrics_server {
+            cluster.metrics_server();
+        }
+        cluster.sample_apiserver();
+        cluster
+    })
+    .await
+}
