@@ -244,9 +244,9 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     let mut tasks = JoinSet::new();
 
     match &config.source {
-        Source::Files { dir, services } => {
+        Source::Files { dir, services, limits } => {
             let resolver = Arc::new(StaticResolver::new(services.clone()));
-            let source = FileSource::new(dir.clone(), resolver, rejections.clone(), metrics.clone());
+            let source = FileSource::new(dir.clone(), resolver, *limits, rejections.clone(), metrics.clone());
             tasks.spawn(source.run(snapshots_tx));
         }
         Source::Cluster { .. } => {
@@ -326,12 +326,13 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         ready: ready.clone(),
         endpoints: endpoints::router(endpoint_state),
         authorizer,
+        limits: crate::server::limits::RequestLimits::new(config.request_limits.clone()),
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    tasks.spawn(server::serve(listener, Arc::new(tls_config), gateway, async {
+    tasks.spawn(server::serve(listener, Arc::new(tls_config), gateway, config.frontend.clone(), async {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%local_addr, "serving");

@@ -51,12 +51,21 @@ pub async fn run(config: &Config, name: Option<&str>) -> Result<Outcome, String>
     let (apiservices, rejections, resolver): (Vec<ApiService>, Vec<Rejection>, Arc<dyn ServiceResolver>) = match &config
         .source
     {
-        Source::Files { dir, services } => {
+        Source::Files { dir, services, limits } => {
             let resolver = Arc::new(StaticResolver::new(services.clone()));
-            let mut source =
-                FileSource::new(dir.clone(), resolver.clone(), Default::default(), Arc::new(Default::default()));
-            source.scan(true);
-            let (apiservices, rejections) = source.collect();
+            let mut source = FileSource::new(
+                dir.clone(),
+                resolver.clone(),
+                *limits,
+                Default::default(),
+                Arc::new(Default::default()),
+            );
+            let (apiservices, rejections) = tokio::task::spawn_blocking(move || {
+                source.scan(true);
+                source.collect()
+            })
+            .await
+            .map_err(|e| format!("reading manifests: {e}"))?;
             (apiservices.into_iter().map(Arc::unwrap_or_clone).collect(), rejections, resolver)
         }
         Source::Cluster { kubeconfig } => {

@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::requestheader::RequestHeaderConfig;
 use crate::auth::token::TokenFile;
 use crate::auth::x509::ChainVerifier;
+use crate::server::limits::RequestLimitSettings;
+use crate::server::FrontendSettings;
+use crate::source::file::ManifestLimits;
 use crate::tls::CertifiedKey;
 
 pub const DEFAULT_SECURE_PORT: u16 = 8443;
@@ -141,6 +144,55 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_idle_timeout: Option<String>,
+    /// A client's TLS handshake must finish within this [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout: Option<String>,
+    /// A new connection's first request, and every HTTP/1.1 request's headers, must arrive
+    /// within this [default: 32s, kube-apiserver's ReadHeaderTimeout].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_header_timeout: Option<String>,
+    /// A client connection with no request in flight is closed after this [default: 90s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_connection_timeout: Option<String>,
+    /// Client connections open at once; lowered to fit under the open-file limit
+    /// [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one address; 0 for no limit [default: 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<usize>,
+    /// Concurrent streams a client may open on one HTTP/2 connection [default: 100, as
+    /// kube-apiserver].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http2_max_streams_per_connection: Option<u32>,
+    /// Deadline of every request that is not long-running (watch, proxy, exec, attach, log,
+    /// port-forward) [default: 60s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<String>,
+    /// Read-only requests in flight at once, long-running ones not counted; 0 for no limit
+    /// [default: 400].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_inflight: Option<usize>,
+    /// Mutating requests in flight at once; 0 for no limit [default: 200].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_mutating_requests_inflight: Option<usize>,
+    /// Largest manifest file read, in bytes; larger ones are rejected [default: 1048576].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiservices_max_file_size: Option<u64>,
+    /// Most APIService objects one manifest file may hold [default: 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiservices_max_per_file: Option<usize>,
 }
 
 /// The file form of the service map is a mapping; flags use `key=value` strings.
@@ -169,7 +221,7 @@ pub struct Delegate {
 
 #[derive(Debug, Clone)]
 pub enum Source {
-    Files { dir: PathBuf, services: std::collections::HashMap<String, Authority> },
+    Files { dir: PathBuf, services: std::collections::HashMap<String, Authority>, limits: ManifestLimits },
     Cluster { kubeconfig: Option<PathBuf> },
 }
 
@@ -190,6 +242,8 @@ pub struct Config {
     pub backend_connect_timeout: Duration,
     pub backend_idle_timeout: Duration,
     pub token_review_cache_ttl: Duration,
+    pub frontend: FrontendSettings,
+    pub request_limits: RequestLimitSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -330,10 +384,27 @@ impl Settings {
                 Err(e) => check("services", Err(format!("{entry:?}: {e}"))),
             }
         }
+        let manifest_defaults = ManifestLimits::default();
+        let manifest_limits = ManifestLimits {
+            max_file_size: self.apiservices_max_file_size.unwrap_or(manifest_defaults.max_file_size),
+            max_per_file: self.apiservices_max_per_file.unwrap_or(manifest_defaults.max_per_file),
+            ..manifest_defaults
+        };
+        for (key, value) in [
+            ("apiservices-max-file-size", manifest_limits.max_file_size as usize),
+            ("apiservices-max-per-file", manifest_limits.max_per_file),
+            ("max-connections", self.max_connections.unwrap_or(1)),
+            ("http2-max-streams-per-connection", self.http2_max_streams_per_connection.unwrap_or(1) as usize),
+        ] {
+            if value == 0 {
+                check(key, Err("must be greater than zero".into()));
+            }
+        }
         let source = match self.source.unwrap_or_default() {
             SourceKind::Files => Source::Files {
                 dir: self.apiservices_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_APISERVICES_DIR)),
                 services,
+                limits: manifest_limits,
             },
             SourceKind::Cluster => {
                 if !self.services.is_empty() {
@@ -365,6 +436,40 @@ impl Settings {
             &self.authentication_token_webhook_cache_ttl,
             crate::auth::tokenreview::DEFAULT_CACHE_TTL,
         );
+        let frontend_defaults = FrontendSettings::default();
+        let frontend = FrontendSettings {
+            tls_handshake_timeout: duration(
+                "tls-handshake-timeout",
+                &self.tls_handshake_timeout,
+                frontend_defaults.tls_handshake_timeout,
+            ),
+            request_header_timeout: duration(
+                "request-header-timeout",
+                &self.request_header_timeout,
+                frontend_defaults.request_header_timeout,
+            ),
+            idle_connection_timeout: duration(
+                "idle-connection-timeout",
+                &self.idle_connection_timeout,
+                frontend_defaults.idle_connection_timeout,
+            ),
+            max_connections: self.max_connections.unwrap_or(frontend_defaults.max_connections),
+            max_connections_per_client: self
+                .max_connections_per_client
+                .unwrap_or(frontend_defaults.max_connections_per_client),
+            http2_max_streams_per_connection: self
+                .http2_max_streams_per_connection
+                .unwrap_or(frontend_defaults.http2_max_streams_per_connection),
+            ..frontend_defaults
+        };
+        let limit_defaults = RequestLimitSettings::default();
+        let request_limits = RequestLimitSettings {
+            request_timeout: duration("request-timeout", &self.request_timeout, limit_defaults.request_timeout),
+            max_requests_inflight: self.max_requests_inflight.unwrap_or(limit_defaults.max_requests_inflight),
+            max_mutating_requests_inflight: self
+                .max_mutating_requests_inflight
+                .unwrap_or(limit_defaults.max_mutating_requests_inflight),
+        };
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -386,6 +491,8 @@ impl Settings {
             backend_connect_timeout,
             backend_idle_timeout,
             token_review_cache_ttl,
+            frontend,
+            request_limits,
         })
     }
 }

@@ -56,6 +56,26 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// A bounded set of reasons, always static strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestKindLabels {
+    pub request_kind: &'static str,
+}
+
+/// An open client connection, counted in `aggregator_proxy_open_connections` while it lives.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
@@ -66,6 +86,14 @@ pub struct Metrics {
     invalid_apiservices: Gauge,
     unavailable: Family<NameLabels, Gauge>,
     authentication: Family<ResultLabels, Counter>,
+    open_connections: Gauge,
+    max_connections: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    connections_closed: Family<ReasonLabels, Counter>,
+    accept_errors: Counter,
+    request_timeouts: Counter,
+    inflight_rejections: Family<RequestKindLabels, Counter>,
+    manifest_rejections: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +157,50 @@ impl Metrics {
         );
         let authentication = Family::<ResultLabels, Counter>::default();
         registry.register("authentication_attempts", "Authentication attempts by result", authentication.clone());
+        let open_connections = Gauge::default();
+        registry.register("aggregator_proxy_open_connections", "Client connections open now", open_connections.clone());
+        let max_connections = Gauge::default();
+        registry.register(
+            "aggregator_proxy_max_connections",
+            "The client connection budget in force (--max-connections, fitted under the open-file limit)",
+            max_connections.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "aggregator_proxy_connections_refused",
+            "Client connections closed on arrival, by the limit they met (max-connections, max-connections-per-client)",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "aggregator_proxy_connections_closed",
+            "Client connections the proxy closed, by reason (tls-handshake-timeout, tls-handshake-failed, request-header-timeout, idle-timeout, shutdown)",
+            connections_closed.clone(),
+        );
+        let accept_errors = Counter::default();
+        registry.register(
+            "aggregator_proxy_accept_errors",
+            "Failed accepts (out of file descriptors, ...); the loop backs off",
+            accept_errors.clone(),
+        );
+        let request_timeouts = Counter::default();
+        registry.register(
+            "aggregator_proxy_request_timeouts",
+            "Requests answered 504 for outliving --request-timeout (or their ?timeout=)",
+            request_timeouts.clone(),
+        );
+        let inflight_rejections = Family::<RequestKindLabels, Counter>::default();
+        registry.register(
+            "aggregator_proxy_inflight_rejections",
+            "Requests answered 429 by --max-requests-inflight (readOnly) or --max-mutating-requests-inflight (mutating)",
+            inflight_rejections.clone(),
+        );
+        let manifest_rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "aggregator_manifest_rejections",
+            "Manifest files rejected when read, by reason (too-large, too-deep, too-many-objects, not-utf8, not-a-regular-file, unreadable, parse, invalid)",
+            manifest_rejections.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -139,7 +211,49 @@ impl Metrics {
             invalid_apiservices,
             unavailable,
             authentication,
+            open_connections,
+            max_connections,
+            connections_refused,
+            connections_closed,
+            accept_errors,
+            request_timeouts,
+            inflight_rejections,
+            manifest_rejections,
         }
+    }
+
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open_connection(&self) -> OpenConnection {
+        self.open_connections.inc();
+        OpenConnection(self.open_connections.clone())
+    }
+
+    pub fn set_max_connections(&self, max: usize) {
+        self.max_connections.set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn accept_failed(&self) {
+        self.accept_errors.inc();
+    }
+
+    pub fn request_timed_out(&self) {
+        self.request_timeouts.inc();
+    }
+
+    pub fn inflight_rejected(&self, request_kind: &'static str) {
+        self.inflight_rejections.get_or_create(&RequestKindLabels { request_kind }).inc();
+    }
+
+    pub fn manifest_rejected(&self, reason: &'static str) {
+        self.manifest_rejections.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts one request; `apiservice` is empty for the proxy's own endpoints.

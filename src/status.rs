@@ -104,6 +104,19 @@ pub enum RequestError {
     /// The backend answered a redirect, which the proxy refuses to forward.
     #[error("APIService {apiservice:?}: the backend attempted to redirect this request, which is not permitted")]
     RedirectRejected { apiservice: String },
+    /// The request itself is malformed (a `?timeout=` that does not parse, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request outlived `--request-timeout` (or its own `?timeout=`); kube's words.
+    #[error("Timeout: request did not complete within the allotted timeout")]
+    Timeout,
+    /// `--max-requests-inflight` / `--max-mutating-requests-inflight` were full.
+    #[error("Too many requests, please try again later.")]
+    TooManyRequests,
+    /// The authenticated identity has a byte no HTTP header can carry (a control character):
+    /// the request is refused rather than sent without it.
+    #[error("the identity of this request cannot be sent to the backend: {0}")]
+    IdentityNotRepresentable(#[from] crate::auth::identity::IdentityHeaderError),
 }
 
 impl RequestError {
@@ -118,6 +131,10 @@ impl RequestError {
             }
             Self::Transport { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::RedirectRejected { .. } => StatusCode::BAD_GATEWAY,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdentityNotRepresentable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -137,6 +154,14 @@ impl RequestError {
             }
             Self::Transport { .. } => Status::failure(code, "InternalError", self.to_string()),
             Self::RedirectRejected { .. } => Status::failure(code, "BadGateway", self.to_string()),
+            Self::BadRequest(message) => Status::failure(code, "BadRequest", message.clone()),
+            Self::Timeout => Status::failure(code, "Timeout", self.to_string()).with_details(StatusDetails::default()),
+            // kube answers these in plain text; the Status keeps its code, words and Retry-After.
+            Self::TooManyRequests => Status::failure(code, "TooManyRequests", self.to_string())
+                .with_details(StatusDetails { retry_after_seconds: Some(1), ..Default::default() }),
+            Self::IdentityNotRepresentable(_) => {
+                Status::failure(code, "InternalError", format!("Internal error occurred: {self}"))
+            }
         }
     }
 
@@ -167,6 +192,18 @@ mod tests {
         let status = err.to_status();
         assert_eq!((status.code, status.reason), (503, "ServiceUnavailable"));
         assert_eq!(status.message, "APIService \"v1.echo.example.com\" is unavailable: connection refused");
+    }
+
+    #[test]
+    fn timeout_and_too_many_requests_match_kube_apiserver() {
+        let timeout = serde_json::to_string(&RequestError::Timeout.to_status()).unwrap();
+        assert_eq!(
+            timeout,
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Timeout: request did not complete within the allotted timeout","reason":"Timeout","details":{},"code":504}"#
+        );
+        let response = RequestError::TooManyRequests.into_response();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
     }
 
     #[test]

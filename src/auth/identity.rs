@@ -86,32 +86,41 @@ impl IdentityHeaderNames {
     }
 }
 
+/// A part of the identity that no HTTP header can carry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{header} would contain a control character")]
+pub struct IdentityHeaderError {
+    pub header: String,
+}
+
+/// A header value as Go writes it: any bytes but control characters, so UTF-8 names go as
+/// they are (obs-text), exactly as kube-aggregator sends them.
+fn header_value(value: &str, header: &str) -> Result<HeaderValue, IdentityHeaderError> {
+    HeaderValue::from_bytes(value.as_bytes()).map_err(|_| IdentityHeaderError { header: header.to_owned() })
+}
+
 /// Writes the user as `X-Remote-User`, `X-Remote-Uid`, one `X-Remote-Group` per group, and
-/// `X-Remote-Extra-<escaped key>` per extra value. Values that are not valid header values
-/// (control characters) are dropped rather than sent mangled.
-pub fn inject(user: &UserInfo, headers: &mut HeaderMap) {
-    if let Ok(v) = HeaderValue::from_str(&user.name) {
-        headers.insert(HEADER_REMOTE_USER, v);
-    }
+/// `X-Remote-Extra-<escaped key>` per extra value, as client-go's `SetAuthProxyHeaders` does:
+/// names, groups and values in UTF-8 as they are, extra keys percent-escaped. A value no
+/// header can carry (a control character) fails the whole identity: a request is never sent
+/// with part of its identity missing.
+pub fn inject(user: &UserInfo, headers: &mut HeaderMap) -> Result<(), IdentityHeaderError> {
+    headers.insert(HEADER_REMOTE_USER, header_value(&user.name, "X-Remote-User")?);
     if let Some(uid) = user.uid.as_deref().filter(|u| !u.is_empty()) {
-        if let Ok(v) = HeaderValue::from_str(uid) {
-            headers.insert(HEADER_REMOTE_UID, v);
-        }
+        headers.insert(HEADER_REMOTE_UID, header_value(uid, "X-Remote-Uid")?);
     }
     for group in &user.groups {
-        if let Ok(v) = HeaderValue::from_str(group) {
-            headers.append(HEADER_REMOTE_GROUP, v);
-        }
+        headers.append(HEADER_REMOTE_GROUP, header_value(group, "X-Remote-Group")?);
     }
     for (key, values) in &user.extra {
         let name = format!("{HEADER_REMOTE_EXTRA_PREFIX}{}", escape_extra_key(key));
-        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
+        // Escaping leaves only token characters, so this cannot fail; refuse rather than skip.
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| IdentityHeaderError { header: name.clone() })?;
         for value in values {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                headers.append(name.clone(), v);
-            }
+            headers.append(name.clone(), header_value(value, name.as_str())?);
         }
     }
+    Ok(())
 }
 
 /// Escapes an extra key for use in a header name: RFC 7230 token characters stay, everything
@@ -177,13 +186,23 @@ mod tests {
         user.uid = Some("42".into());
         user.extra.insert("example.com/scopes".into(), vec!["a".into(), "b".into()]);
         let mut h = HeaderMap::new();
-        inject(&user, &mut h);
+        inject(&user, &mut h).unwrap();
         assert_eq!(h["x-remote-user"], "alice");
         assert_eq!(h["x-remote-uid"], "42");
         let groups: Vec<_> = h.get_all("x-remote-group").iter().collect();
         assert_eq!(groups, ["dev", "ops"]);
         let extra: Vec<_> = h.get_all("x-remote-extra-example.com%2Fscopes").iter().collect();
         assert_eq!(extra, ["a", "b"]);
+    }
+
+    #[test]
+    fn non_ascii_identities_go_as_utf8_and_control_characters_refuse_the_identity() {
+        let mut h = HeaderMap::new();
+        inject(&UserInfo::new("jürgen", vec!["développeurs".into()]), &mut h).unwrap();
+        assert_eq!(h["x-remote-user"].as_bytes(), "jürgen".as_bytes());
+        assert_eq!(h["x-remote-group"].as_bytes(), "développeurs".as_bytes());
+        let err = inject(&UserInfo::new("eve", vec!["a\r\nX-Remote-User: root".into()]), &mut HeaderMap::new());
+        assert_eq!(err.unwrap_err().header, "X-Remote-Group");
     }
 
     #[test]

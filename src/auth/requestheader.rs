@@ -46,9 +46,15 @@ impl RequestHeaderAuthenticator {
     }
 }
 
+/// A header value as text: Go reads header bytes as they are, so UTF-8 names a front proxy
+/// sends (as kube-aggregator does) are read as UTF-8, not dropped for not being ASCII.
+fn text(value: &http::HeaderValue) -> Option<&str> {
+    std::str::from_utf8(value.as_bytes()).ok()
+}
+
 fn first_non_empty(headers: &HeaderMap, names: &[String]) -> Option<String> {
     names.iter().flat_map(|n| headers.get_all(n.as_str())).find_map(|v| {
-        let v = v.to_str().ok()?;
+        let v = text(v)?;
         (!v.is_empty()).then(|| v.to_owned())
     })
 }
@@ -61,7 +67,7 @@ pub fn identity_from_headers(config: &RequestHeaderConfig, headers: &HeaderMap) 
         .group_headers
         .iter()
         .flat_map(|n| headers.get_all(n.as_str()))
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(text)
         .filter(|v| !v.is_empty())
         .map(str::to_owned)
         .collect();
@@ -70,7 +76,7 @@ pub fn identity_from_headers(config: &RequestHeaderConfig, headers: &HeaderMap) 
         let header = header.as_str();
         for prefix in &config.extra_headers_prefix {
             if header.len() > prefix.len() && header[..prefix.len()].eq_ignore_ascii_case(prefix) {
-                if let Ok(value) = value.to_str() {
+                if let Some(value) = text(value) {
                     let key = unescape_extra_key(&header[prefix.len()..]);
                     user.extra.entry(key).or_default().push(value.to_owned());
                 }

@@ -215,7 +215,8 @@ async fn probe_target(
         .header(http::header::HOST, server_name)
         .body(Empty::<Bytes>::new())
         .map_err(|e| ("http", e.to_string()))?;
-    inject(&UserInfo::new(PROBE_USER, vec![PROBE_GROUP.to_owned()]), request.headers_mut());
+    // A fixed ASCII identity: it always fits in a header.
+    let _ = inject(&UserInfo::new(PROBE_USER, vec![PROBE_GROUP.to_owned()]), request.headers_mut());
     let response = sender.send_request(request).await.map_err(|e| ("request", describe_error(&e, server_name)))?;
     let status = response.status();
     let _ = response.into_body().collect().await;

@@ -225,7 +225,8 @@ impl Http {
         if let Some(etag) = if_none_match {
             headers.insert(IF_NONE_MATCH, etag.clone());
         }
-        identity::inject(&UserInfo::new(DISCOVERY_USER, vec![DISCOVERY_GROUP.to_owned()]), headers);
+        // A fixed ASCII identity: it always fits in a header.
+        let _ = identity::inject(&UserInfo::new(DISCOVERY_USER, vec![DISCOVERY_GROUP.to_owned()]), headers);
         let response = self
             .client
             .send(request)

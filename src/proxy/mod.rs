@@ -111,6 +111,11 @@ fn backend_request(
     let (mut parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().cloned();
     let forwarded_uri = HeaderValue::from_str(parts.uri.path());
+    // The host the client asked for: HTTP/1.1's `Host`, HTTP/2's `:authority`.
+    let forwarded_host = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     let mut uri = Uri::builder().scheme(Scheme::HTTPS).authority(target.authority.clone());
     if let Some(pq) = path_and_query {
         uri = uri.path_and_query(pq);
@@ -120,7 +125,7 @@ fn backend_request(
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(header::HOST);
-    identity::inject(caller.user, headers);
+    identity::inject(caller.user, headers)?;
     let client_ip = caller.remote_addr.ip().to_string();
     let forwarded_for = match headers.get(HEADER_X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {client_ip}"),
@@ -130,9 +135,10 @@ fn backend_request(
         headers.insert(HEADER_X_FORWARDED_FOR, v);
     }
     headers.insert(HEADER_X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    if let Ok(v) = HeaderValue::from_str(target.authority.as_str()) {
-        headers.insert(HEADER_X_FORWARDED_HOST, v);
-    }
+    match forwarded_host {
+        Some(host) => headers.insert(HEADER_X_FORWARDED_HOST, host),
+        None => headers.remove(HEADER_X_FORWARDED_HOST),
+    };
     if let Ok(v) = forwarded_uri {
         headers.insert(HEADER_X_FORWARDED_URI, v);
     }

@@ -1,14 +1,19 @@
 //! The request path, top to bottom.
 //!
 //! 1. Probes answer first, unauthenticated, so load balancers need no credentials.
-//! 2. Authenticate: the identity the backend will see is decided here and nowhere else.
-//! 3. Strip every identity header the client sent (X-Remote-*, Impersonate-*, Authorization),
+//! 2. Classify (kube's RequestInfo) and start the request deadline: everything after this,
+//!    authentication included, must finish within `--request-timeout` unless the request is
+//!    long-running, as in kube-apiserver's filter chain.
+//! 3. Authenticate: the identity the backend will see is decided here and nowhere else.
+//!    Then the in-flight limits, which need the user (system:masters is never refused).
+//! 4. Strip every identity header the client sent (X-Remote-*, Impersonate-*, Authorization),
 //!    before anything can read or forward them.
-//! 4. Resolve the route with one `load_full()` of the table: no lock, no guard held across an
+//! 5. Resolve the route with one `load_full()` of the table: no lock, no guard held across an
 //!    await, and one consistent table for the whole request.
-//! 5. Forward to the backend or the delegate with the authenticated identity injected, or
+//! 6. Forward to the backend or the delegate with the authenticated identity injected, or
 //!    answer from the proxy's own endpoints.
-//! 6. Log and count, with the Audit-ID the backend also saw.
+//! 7. Log and count, with the Audit-ID the backend also saw. The response body carries the
+//!    connection's activity guard, the in-flight permit and the deadline until it is sent.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -20,7 +25,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
+use super::connection::{ActivityGuard, GuardedBody};
 use super::endpoints;
+use super::limits::{RequestClass, RequestLimits};
 use super::ConnectionInfo;
 use crate::auth::authorization::SubjectAccessReviewer;
 use crate::auth::identity::IdentityHeaderNames;
@@ -53,6 +60,15 @@ pub struct Gateway {
     /// Cluster mode: kube-apiserver authorizes the proxy's own endpoints, as it does for its
     /// own aggregator's. `None` in standalone mode, where authentication is the only gate.
     pub authorizer: Option<Arc<SubjectAccessReviewer>>,
+    /// The request deadline and the in-flight limits.
+    pub limits: RequestLimits,
+}
+
+/// What the steps of one request leave for its accounting and its response body.
+struct Outcome {
+    /// The APIService that served it, or the own/delegate label.
+    label: Arc<str>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Where the pipeline decided to send a request.
@@ -90,24 +106,73 @@ fn audit_id(request: &Request<Incoming>) -> HeaderValue {
 }
 
 impl Gateway {
-    pub async fn handle(&self, conn: &ConnectionInfo, mut request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        activity: ActivityGuard,
+        request: Request<Incoming>,
+    ) -> Response<GuardedBody> {
         let started = Instant::now();
         let method = request.method().clone();
         let audit_id = audit_id(&request);
+        let mut outcome = Outcome { label: OWN_METRICS_LABEL.clone(), permit: None };
+        let mut deadline = None;
 
-        let (label, mut response) = if endpoints::is_probe(request.uri().path()) {
-            (OWN_METRICS_LABEL.clone(), self.own(request).await)
+        let mut response = if endpoints::is_probe(request.uri().path()) {
+            self.own(request).await
         } else {
-            match self.authenticated(conn, &mut request).await {
-                Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
-                Ok(user) => self.route_and_forward(conn, &user, &audit_id, request).await,
+            match self.limits.classify(&request) {
+                Err(e) => e.into_response(),
+                Ok(class) => {
+                    let work = self.admitted(conn, &class, &audit_id, &mut outcome, request);
+                    match class.timeout {
+                        None => work.await,
+                        Some(timeout) => {
+                            let until = tokio::time::Instant::from_std(started) + timeout;
+                            deadline = Some(until);
+                            match tokio::time::timeout_at(until, work).await {
+                                Ok(response) => response,
+                                Err(_) => {
+                                    self.metrics.request_timed_out();
+                                    RequestError::Timeout.into_response()
+                                }
+                            }
+                        }
+                    }
+                }
             }
         };
 
         response.headers_mut().insert(HEADER_AUDIT_ID, audit_id.clone());
         let code = response.status().as_u16();
-        self.metrics.request(&label, &method, code, started.elapsed());
-        tracing::debug!(%method, apiservice = %label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
+        self.metrics.request(&outcome.label, &method, code, started.elapsed());
+        tracing::debug!(%method, apiservice = %outcome.label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
+        response.map(|body| GuardedBody::new(body, activity, outcome.permit, deadline))
+    }
+
+    /// Authentication, the in-flight limits, then routing and forwarding: the part of a
+    /// request that runs under its deadline.
+    async fn admitted(
+        &self,
+        conn: &ConnectionInfo,
+        class: &RequestClass,
+        audit_id: &HeaderValue,
+        outcome: &mut Outcome,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
+        let user = match self.authenticated(conn, &mut request).await {
+            Ok(user) => user,
+            Err(e) => return e.into_response(),
+        };
+        match self.limits.admit(class, &user) {
+            Ok(permit) => outcome.permit = permit,
+            Err(kind) => {
+                self.metrics.inflight_rejected(kind.label());
+                return RequestError::TooManyRequests.into_response();
+            }
+        }
+        let (label, response) = self.route_and_forward(conn, &user, audit_id, request).await;
+        outcome.label = label;
         response
     }
 

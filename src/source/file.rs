@@ -4,17 +4,27 @@
 //! check catches what events miss). A file that fails to parse or validate keeps serving the
 //! last good objects it had and its error is logged and shown on `/debug/apiservices`; other
 //! files are unaffected. When two files define the same APIService, the first by path wins.
+//!
+//! Reading and parsing run on a thread of their own, never on the runtime that serves
+//! requests: whatever lands in the directory costs that thread's time only. And it is bounded
+//! before the parser sees it: a file larger than `--apiservices-max-file-size`, nested deeper
+//! than [`DEFAULT_MAX_DEPTH`], with more aliases than [`DEFAULT_MAX_ALIASES`], not UTF-8, not a
+//! regular file (a FIFO is never opened), unreadable (a symlink loop), or holding more than
+//! `--apiservices-max-per-file` APIServices is rejected with its reason, like any bad file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::apiservice::manifest::parse_documents;
+use crate::apiservice::manifest::{parse_documents, yaml_shape};
 use crate::apiservice::{validate, ApiService};
 use crate::metrics::Metrics;
 use crate::routing::writer::Snapshot;
@@ -28,20 +38,68 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
 const MANIFEST_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 20;
+pub const DEFAULT_MAX_PER_FILE: usize = 1_000;
+/// An APIService manifest nests five levels deep, a `List` of them seven; kube's own YAML
+/// decoder gives up far below what an attacker would send.
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+/// Aliases are expanded by the parser, each a copy of its anchor: a few nested ones can
+/// expand exponentially, and manifests rarely need any.
+pub const DEFAULT_MAX_ALIASES: usize = 16;
+
+/// Bounds on what one manifest file may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestLimits {
+    /// `--apiservices-max-file-size`, in bytes.
+    pub max_file_size: u64,
+    /// `--apiservices-max-per-file`
+    pub max_per_file: usize,
+    pub max_depth: usize,
+    pub max_aliases: usize,
+}
+
+impl Default for ManifestLimits {
+    fn default() -> Self {
+        Self {
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            max_per_file: DEFAULT_MAX_PER_FILE,
+            max_depth: DEFAULT_MAX_DEPTH,
+            max_aliases: DEFAULT_MAX_ALIASES,
+        }
+    }
+}
+
+/// Why a file's content is not used: the words for `/debug/apiservices` and the log, and a
+/// bounded label for `aggregator_manifest_rejections_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileRejection {
+    kind: &'static str,
+    reason: String,
+}
+
+impl FileRejection {
+    fn new(kind: &'static str, reason: impl Into<String>) -> Self {
+        Self { kind, reason: reason.into() }
+    }
+}
+
 #[derive(Debug, Default)]
 struct FileState {
-    modified: Option<SystemTime>,
-    len: u64,
+    /// Modification time and size at the last look; `None` when they could not be read.
+    stamp: Option<(Option<SystemTime>, u64)>,
+    looked: bool,
+    /// Digest of the content last parsed, zero when the last look was refused before parsing.
     digest: [u8; 32],
     /// The last good objects of this file, shared with the snapshots and tables built from it.
     objects: Vec<Arc<ApiService>>,
     /// Why the current content is not used, if it is not.
-    error: Option<String>,
+    error: Option<FileRejection>,
 }
 
 pub struct FileSource {
     dir: PathBuf,
     resolver: Arc<dyn ServiceResolver>,
+    limits: ManifestLimits,
     files: BTreeMap<PathBuf, FileState>,
     rejections: SharedRejections,
     metrics: Arc<Metrics>,
@@ -51,30 +109,100 @@ pub struct FileSource {
     ca_bundles: HashSet<Arc<[u8]>>,
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// Whether a directory entry is meant as a manifest: by name only, so that what it is (a
+/// FIFO, a loop of symlinks, a directory) is found out, and reported, when it is read.
+fn is_manifest_name(path: &Path) -> bool {
     let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
     let ext_ok = path.extension().and_then(|e| e.to_str()).is_some_and(|e| MANIFEST_EXTENSIONS.contains(&e));
-    !hidden && ext_ok && path.is_file()
+    !hidden && ext_ok
+}
+
+/// Reads a manifest within its limits; the metadata is the one the caller already has.
+fn read_manifest(
+    path: &Path,
+    meta: std::io::Result<std::fs::Metadata>,
+    limits: &ManifestLimits,
+) -> Result<String, FileRejection> {
+    let meta = meta.map_err(|e| FileRejection::new("unreadable", format!("cannot be read: {e}")))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(FileRejection::new("not-a-regular-file", format!("is {what}, not a regular file")));
+    }
+    let too_large = |size: u64| {
+        FileRejection::new(
+            "too-large",
+            format!("is {size} bytes, more than --apiservices-max-file-size ({} bytes)", limits.max_file_size),
+        )
+    };
+    if meta.len() > limits.max_file_size {
+        return Err(too_large(meta.len()));
+    }
+    let file =
+        std::fs::File::open(path).map_err(|e| FileRejection::new("unreadable", format!("cannot be read: {e}")))?;
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // It may have grown since it was measured: never read more than the limit allows.
+    file.take(limits.max_file_size + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| FileRejection::new("unreadable", format!("cannot be read: {e}")))?;
+    if bytes.len() as u64 > limits.max_file_size {
+        return Err(too_large(bytes.len() as u64));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        FileRejection::new("not-utf8", format!("is not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))
+    })?;
+    let shape = yaml_shape(&text);
+    if shape.depth > limits.max_depth {
+        return Err(FileRejection::new(
+            "too-deep",
+            format!("nests at least {} levels deep, more than the limit of {}", shape.depth, limits.max_depth),
+        ));
+    }
+    if shape.aliases > limits.max_aliases {
+        return Err(FileRejection::new(
+            "too-many-aliases",
+            format!("has {} YAML aliases, more than the limit of {}", shape.aliases, limits.max_aliases),
+        ));
+    }
+    Ok(text)
 }
 
 impl FileSource {
     pub fn new(
         dir: PathBuf,
         resolver: Arc<dyn ServiceResolver>,
+        limits: ManifestLimits,
         rejections: SharedRejections,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { dir, resolver, files: BTreeMap::new(), rejections, metrics, dir_error: None, ca_bundles: HashSet::new() }
+        Self {
+            dir,
+            resolver,
+            limits,
+            files: BTreeMap::new(),
+            rejections,
+            metrics,
+            dir_error: None,
+            ca_bundles: HashSet::new(),
+        }
     }
 
     /// Re-reads the directory. With `force`, every file's content is compared; otherwise only
     /// files whose size or modification time changed are read. Returns whether anything
-    /// changed.
+    /// changed. Blocking: call it off the runtime.
     pub fn scan(&mut self, force: bool) -> bool {
         let listing = match std::fs::read_dir(&self.dir) {
             Ok(entries) => {
                 let mut paths: Vec<PathBuf> =
-                    entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
+                    entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest_name(p)).collect();
                 paths.sort();
                 self.dir_error = None;
                 paths
@@ -102,42 +230,37 @@ impl FileSource {
     }
 
     fn refresh(&mut self, path: &Path, force: bool) -> bool {
-        let meta = std::fs::metadata(path).ok();
-        let modified = meta.as_ref().and_then(|m| m.modified().ok());
-        let len = meta.as_ref().map_or(0, |m| m.len());
+        // `metadata` follows symlinks and never opens the file: a FIFO is found out here.
+        let meta = std::fs::metadata(path);
+        let stamp = meta.as_ref().ok().map(|m| (m.modified().ok(), m.len()));
         let state = self.files.entry(path.to_owned()).or_default();
-        let is_new = state.modified.is_none() && state.digest == [0; 32];
-        if !force && !is_new && state.modified == modified && state.len == len {
+        if !force && state.looked && state.stamp == stamp {
             return false;
         }
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
-                // Removed between listing and reading: the next scan drops it.
-                tracing::debug!(file = %path.display(), error = %e, "unreadable manifest");
-                return false;
+        state.looked = true;
+        state.stamp = stamp;
+        let text = match read_manifest(path, meta, &self.limits) {
+            Ok(text) => text,
+            Err(rejection) => {
+                state.digest = [0; 32];
+                return reject(state, rejection, path, &self.metrics);
             }
         };
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        state.modified = modified;
-        state.len = len;
         if digest == state.digest {
             return false;
         }
         state.digest = digest;
-        match load_file(&text, &path.display().to_string()) {
+        match load_file(&text, &path.display().to_string(), self.limits.max_per_file) {
             Ok(objects) => {
                 tracing::info!(file = %path.display(), apiservices = objects.len(), "loaded manifest");
                 let ca_bundles = &mut self.ca_bundles;
                 state.objects = objects.into_iter().map(|a| Arc::new(share_ca_bundle(a, ca_bundles))).collect();
                 state.error = None;
+                true
             }
-            Err(reason) => {
-                tracing::warn!(file = %path.display(), %reason, kept = state.objects.len(), "manifest rejected; keeping its last good APIServices");
-                state.error = Some(reason);
-            }
+            Err(rejection) => reject(state, rejection, path, &self.metrics),
         }
-        true
     }
 
     /// The union of every file's objects, and the rejections (bad files, duplicates).
@@ -149,8 +272,12 @@ impl FileSource {
             rejections.push(Rejection { source: self.dir.display().to_string(), name: None, reason: e.clone() });
         }
         for (path, state) in &self.files {
-            if let Some(reason) = &state.error {
-                rejections.push(Rejection { source: path.display().to_string(), name: None, reason: reason.clone() });
+            if let Some(error) = &state.error {
+                rejections.push(Rejection {
+                    source: path.display().to_string(),
+                    name: None,
+                    reason: error.reason.clone(),
+                });
             }
             for a in &state.objects {
                 match seen.get(&a.name) {
@@ -177,8 +304,23 @@ impl FileSource {
     }
 
     /// Publishes the directory's APIServices now and after every change, until `tx` closes.
-    pub async fn run(mut self, tx: watch::Sender<Option<Arc<Snapshot>>>) {
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+    /// The work runs on a thread of its own; this future only waits for it to end.
+    pub async fn run(self, tx: watch::Sender<Option<Arc<Snapshot>>>) {
+        let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new().name("apiservice-files".into()).spawn(move || {
+            self.watch_blocking(&tx);
+            let _ = done_tx.send(());
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = done.await;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the manifest reader thread"),
+        }
+    }
+
+    fn watch_blocking(mut self, tx: &watch::Sender<Option<Arc<Snapshot>>>) {
+        let (events_tx, events) = std_mpsc::channel::<()>();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Access events (open, read, close without writing) are our own rescans reading
             // the files: reacting to them would rescan forever.
@@ -200,27 +342,47 @@ impl FileSource {
             }
         };
         self.scan(true);
-        self.publish(&tx);
-        let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
-        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish(tx);
         loop {
-            let force = tokio::select! {
-                event = events.recv() => {
-                    if event.is_none() {
-                        return;
-                    }
-                    tokio::time::sleep(DEBOUNCE).await;
+            let force = match events.recv_timeout(RESCAN_INTERVAL) {
+                Ok(()) => {
+                    std::thread::sleep(DEBOUNCE);
                     while events.try_recv().is_ok() {}
                     true
                 }
-                _ = rescan.tick() => false,
-                () = tx.closed() => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => false,
+                // No watcher: poll.
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(RESCAN_INTERVAL);
+                    false
+                }
             };
+            if tx.is_closed() {
+                return;
+            }
             if self.scan(force) {
-                self.publish(&tx);
+                self.publish(tx);
             }
         }
     }
+}
+
+/// Records why `state`'s file is refused, keeping its last good objects; says so once per
+/// distinct reason. Returns whether anything changed.
+fn reject(state: &mut FileState, rejection: FileRejection, path: &Path, metrics: &Metrics) -> bool {
+    let file = path.display().to_string();
+    let rejection = if rejection.reason.starts_with(&file) {
+        rejection
+    } else {
+        FileRejection { reason: format!("{file}: {}", rejection.reason), ..rejection }
+    };
+    if state.error.as_ref() == Some(&rejection) {
+        return false;
+    }
+    metrics.manifest_rejected(rejection.kind);
+    tracing::warn!(reason = %rejection.reason, kept = state.objects.len(), "manifest rejected; keeping its last good APIServices");
+    state.error = Some(rejection);
+    true
 }
 
 /// `a` with its caBundle replaced by the equal one already held, if any.
@@ -237,8 +399,17 @@ fn share_ca_bundle(mut a: ApiService, ca_bundles: &mut HashSet<Arc<[u8]>>) -> Ap
 }
 
 /// Parses and validates one file; any problem rejects the whole file, with every reason.
-fn load_file(text: &str, file: &str) -> Result<Vec<ApiService>, String> {
-    let objects = parse_documents(text, file).map_err(|e| e.to_string())?;
+fn load_file(text: &str, file: &str, max_per_file: usize) -> Result<Vec<ApiService>, FileRejection> {
+    let objects = parse_documents(text, file).map_err(|e| FileRejection::new("parse", e.to_string()))?;
+    if objects.len() > max_per_file {
+        return Err(FileRejection::new(
+            "too-many-objects",
+            format!(
+                "{file}: holds {} APIServices, more than --apiservices-max-per-file ({max_per_file})",
+                objects.len()
+            ),
+        ));
+    }
     let mut valid = Vec::new();
     let mut errors = Vec::new();
     for object in &objects {
@@ -250,7 +421,7 @@ fn load_file(text: &str, file: &str) -> Result<Vec<ApiService>, String> {
     if errors.is_empty() {
         Ok(valid)
     } else {
-        Err(format!("{file}: {}", errors.join("; ")))
+        Err(FileRejection::new("invalid", format!("{file}: {}", errors.join("; "))))
     }
 }
 
@@ -271,6 +442,7 @@ mod tests {
         FileSource::new(
             dir.to_owned(),
             Arc::new(StaticResolver::default()),
+            ManifestLimits::default(),
             Default::default(),
             Arc::new(Metrics::new()),
         )
