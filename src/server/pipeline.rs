@@ -129,9 +129,12 @@ impl Gateway {
                         None => work.await,
                         Some(timeout) => {
                             let until = tokio::time::Instant::from_std(started) + timeout;
-                            deadline = Some(until);
                             match tokio::time::timeout_at(until, work).await {
-                                Ok(response) => response,
+                                Ok(response) => {
+                                    // The body must be sent by the same deadline.
+                                    deadline = Some(until);
+                                    response
+                                }
                                 Err(_) => {
                                     self.metrics.request_timed_out();
                                     RequestError::Timeout.into_response()
