@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kube_aggregation_proxy::apiservice::ApiService;
+use kube_aggregation_proxy::backend::Backends;
 use kube_aggregation_proxy::discovery::api_group_list;
-use kube_aggregation_proxy::proxy::client::ClientCache;
 use kube_aggregation_proxy::routing::{RoutingTable, StaticResolver};
 
 const GROUPS: usize = 1_000;
@@ -33,7 +33,7 @@ fn table() -> RoutingTable {
             })
         })
         .collect::<Vec<_>>();
-    RoutingTable::build(&apiservices, &StaticResolver::default(), &ClientCache::default())
+    RoutingTable::build(&apiservices, &StaticResolver::default(), &Backends::default())
 }
 
 fn discovery(c: &mut Criterion) {

@@ -26,9 +26,9 @@ use kube_aggregation_proxy::auth::identity::{self, IdentityHeaderNames, UserInfo
 use kube_aggregation_proxy::auth::requestheader::{identity_from_headers, RequestHeaderConfig};
 use kube_aggregation_proxy::auth::token::TokenFile;
 use kube_aggregation_proxy::auth::x509::ChainVerifier;
+use kube_aggregation_proxy::backend::Backends;
 use kube_aggregation_proxy::discovery::aggregated::{accepts_json, is_aggregated_v2_content_type, negotiate};
 use kube_aggregation_proxy::pki::CertificateAuthority;
-use kube_aggregation_proxy::proxy::client::ClientCache;
 use kube_aggregation_proxy::routing::path::{classify, ApiPath};
 use kube_aggregation_proxy::routing::{RoutingTable, StaticResolver};
 use kube_aggregation_proxy::server::request_info::RequestInfo;
@@ -142,10 +142,10 @@ impl RoutingFixture {
             apiservice("v1.", None),
         ];
         let resolver = StaticResolver::new(HashMap::from([
-            ("ns/metrics:443".to_owned(), "127.0.0.1:1".parse().expect("authority")),
-            ("ns/echo:443".to_owned(), "127.0.0.1:2".parse().expect("authority")),
+            ("ns/metrics:443".to_owned(), vec!["127.0.0.1:1".parse().expect("authority")]),
+            ("ns/echo:443".to_owned(), vec!["127.0.0.1:2".parse().expect("authority")]),
         ]));
-        Self { table: RoutingTable::build(&set, &resolver, &ClientCache::default()) }
+        Self { table: RoutingTable::build(&set, &resolver, &Backends::default()) }
     }
 }
 

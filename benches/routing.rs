@@ -14,8 +14,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kube_aggregation_proxy::apiservice::ApiService;
+use kube_aggregation_proxy::backend::Backends;
 use kube_aggregation_proxy::metrics::Metrics;
-use kube_aggregation_proxy::proxy::client::ClientCache;
 use kube_aggregation_proxy::routing::path::{classify, ApiPath};
 use kube_aggregation_proxy::routing::writer::{self, SharedTable, Snapshot};
 use kube_aggregation_proxy::routing::{RoutingTable, ServiceResolver, StaticResolver};
@@ -43,7 +43,7 @@ fn apiservices(n: usize) -> Vec<Arc<ApiService>> {
 fn resolver() -> Arc<dyn ServiceResolver> {
     Arc::new(StaticResolver::new(HashMap::from([(
         "bench/backend:443".to_owned(),
-        "127.0.0.1:9443".parse().expect("authority"),
+        vec!["127.0.0.1:9443".parse().expect("authority")],
     )])))
 }
 
@@ -57,7 +57,7 @@ fn lookup<'t>(table: &'t RoutingTable, path: &str) -> Option<&'t Arc<kube_aggreg
 
 fn route_lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_lookup");
-    let clients = ClientCache::default();
+    let clients = Backends::default();
     for n in SIZES {
         let table = RoutingTable::build(&apiservices(n), resolver().as_ref(), &clients);
         // A group in the middle of the table, a resource path as kubectl sends it.
@@ -72,7 +72,7 @@ fn route_lookup(c: &mut Criterion) {
 
 fn table_build(c: &mut Criterion) {
     let mut group = c.benchmark_group("table_build");
-    let clients = ClientCache::default();
+    let clients = Backends::default();
     let resolver = resolver();
     for n in SIZES {
         let set = apiservices(n);
@@ -88,7 +88,7 @@ fn table_build(c: &mut Criterion) {
 /// APIService so every call publishes; `unchanged` is the no-op check a rescan pays.
 fn table_swap(c: &mut Criterion) {
     let mut group = c.benchmark_group("table_apply");
-    let clients = ClientCache::default();
+    let clients = Backends::default();
     let metrics = Metrics::new();
     for n in SIZES {
         let a = apiservices(n);

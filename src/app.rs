@@ -18,11 +18,11 @@ use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::x509::ClientCertAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
 use crate::availability::Availability;
+use crate::backend::{Backend, BackendTls, Backends};
 use crate::config::{Config, Delegate, Source};
 use crate::discovery::{DelegateDiscovery, DiscoveryDocuments, Fetcher, FetcherSettings};
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::proxy::client::{BackendClient, BackendTls, ClientCache, ClientSettings};
 use crate::proxy::ForwardSettings;
 use crate::routing::writer::{self, SharedTable};
 use crate::routing::{RoutingTable, StaticResolver};
@@ -216,12 +216,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     let tls_config =
         tls::server_config(&serving, Some(client_roots(&config))).map_err(|e| AppError::Serving(e.to_string()))?;
 
-    let client_settings = ClientSettings {
-        proxy_client_cert: config.proxy_client_cert.clone(),
-        connect_timeout: config.backend_connect_timeout,
-        idle_timeout: config.backend_idle_timeout,
-        ..ClientSettings::default()
-    };
+    let backend_settings = config.backend.clone();
     let delegate = match &config.delegate {
         Some(d) => {
             let tls = BackendTls {
@@ -229,13 +224,17 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
                 ca_bundle: d.ca_bundle.clone().into(),
                 insecure_skip_tls_verify: false,
             };
-            let client = BackendClient::new(&tls, &client_settings).map_err(|e| AppError::Delegate(e.to_string()))?;
-            Some(DelegateTarget { client, authority: d.authority.clone() })
+            let backend = Backend::new(&tls, Arc::new(backend_settings.clone()), metrics.clone())
+                .map_err(|e| AppError::Delegate(e.to_string()))?;
+            let endpoints = backend
+                .endpoints(std::slice::from_ref(&d.authority))
+                .ok_or_else(|| AppError::Delegate("no address".into()))?;
+            Some(DelegateTarget { endpoints })
         }
         None => None,
     };
-    let probe_settings = client_settings.clone();
-    let clients = Arc::new(ClientCache::new(client_settings));
+    let probe_settings = backend_settings.clone();
+    let clients = Arc::new(Backends::new(backend_settings, metrics.clone()));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let rejections: SharedRejections = Arc::default();
     let (table_ready_tx, mut table_ready) = watch::channel(false);
@@ -251,7 +250,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         }
         Source::Cluster { .. } => {
             let (client, _) = cluster.clone().ok_or_else(|| AppError::Source("no cluster client".into()))?;
-            let loopback = delegate.as_ref().map(|d| d.authority.clone());
+            let loopback = delegate.as_ref().map(|d| d.endpoints.pick().authority().clone());
             let source = ClusterSource::new(
                 client,
                 config.enable_aggregator_routing,
@@ -278,8 +277,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         let (fetched_tx, fetched) = watch::channel(false);
         delegate_fetched = Some(fetched);
         let feed = crate::discovery::delegate::run(
-            d.client.clone(),
-            d.authority.clone(),
+            d.endpoints.pick().clone(),
             table.clone(),
             delegate_discovery.clone(),
             fetched_tx,

@@ -16,7 +16,6 @@ use kube::Api;
 use crate::apiservice::{validate, ApiService, ApiServiceObject};
 use crate::availability::probe::{check, Report};
 use crate::config::{Config, Source};
-use crate::proxy::client::ClientSettings;
 use crate::routing::{ServiceResolver, StaticResolver};
 use crate::server::endpoints::Rejection;
 use crate::source::file::FileSource;
@@ -102,11 +101,7 @@ pub async fn run(config: &Config, name: Option<&str>) -> Result<Outcome, String>
             (apiservices, rejections, resolver)
         }
     };
-    let settings = ClientSettings {
-        proxy_client_cert: config.proxy_client_cert.clone(),
-        connect_timeout: config.backend_connect_timeout,
-        ..ClientSettings::default()
-    };
+    let settings = config.backend.clone();
     let selected: Vec<&ApiService> = apiservices.iter().filter(|a| name.is_none_or(|n| *a.name == *n)).collect();
     if let (Some(n), true) = (name, selected.is_empty()) {
         if !rejections.iter().any(|r| r.name.as_deref() == Some(n)) {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::requestheader::RequestHeaderConfig;
 use crate::auth::token::TokenFile;
 use crate::auth::x509::ChainVerifier;
+use crate::backend::BackendSettings;
 use crate::server::limits::RequestLimitSettings;
 use crate::server::FrontendSettings;
 use crate::source::file::ManifestLimits;
@@ -49,7 +50,8 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub apiservices_dir: Option<PathBuf>,
-    /// Standalone service map entry `namespace/name:port=host:port`; repeatable.
+    /// Standalone service map entry `namespace/name:port=host:port[,host:port...]` (several
+    /// endpoints are balanced); repeatable.
     #[arg(long = "service", value_name = "NS/NAME:PORT=HOST:PORT")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[serde(rename = "services", deserialize_with = "service_map")]
@@ -185,6 +187,29 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_mutating_requests_inflight: Option<usize>,
+    /// PING a backend's HTTP/2 connection after this much silence (also the TCP keep-alive
+    /// time of HTTP/1.1 ones) [default: 3s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_http2_ping_interval: Option<String>,
+    /// Close a backend connection whose PING is not answered within this [default: 2s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_http2_ping_timeout: Option<String>,
+    /// Connections to one backend endpoint at most [default: 32].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_max_connections_per_endpoint: Option<usize>,
+    /// Requests that may wait for a connection to one endpoint; past it they fail fast with
+    /// 503 [default: 256].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_max_pending_requests: Option<usize>,
+    /// Largest request header list sent to a backend that advertises no limit of its own;
+    /// larger requests get 431 [default: 1048576].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_max_header_list_size: Option<usize>,
     /// Largest manifest file read, in bytes; larger ones are rejected [default: 1048576].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,7 +246,7 @@ pub struct Delegate {
 
 #[derive(Debug, Clone)]
 pub enum Source {
-    Files { dir: PathBuf, services: std::collections::HashMap<String, Authority>, limits: ManifestLimits },
+    Files { dir: PathBuf, services: std::collections::HashMap<String, Vec<Authority>>, limits: ManifestLimits },
     Cluster { kubeconfig: Option<PathBuf> },
 }
 
@@ -239,8 +264,8 @@ pub struct Config {
     pub source: Source,
     pub enable_aggregator_routing: bool,
     pub reject_forwarding_redirects: bool,
-    pub backend_connect_timeout: Duration,
-    pub backend_idle_timeout: Duration,
+    /// How backends are reached (`--backend-*`, the proxy client certificate).
+    pub backend: BackendSettings,
     pub token_review_cache_ttl: Duration,
     pub frontend: FrontendSettings,
     pub request_limits: RequestLimitSettings,
@@ -395,6 +420,8 @@ impl Settings {
             ("apiservices-max-per-file", manifest_limits.max_per_file),
             ("max-connections", self.max_connections.unwrap_or(1)),
             ("http2-max-streams-per-connection", self.http2_max_streams_per_connection.unwrap_or(1) as usize),
+            ("backend-max-connections-per-endpoint", self.backend_max_connections_per_endpoint.unwrap_or(1)),
+            ("backend-max-header-list-size", self.backend_max_header_list_size.unwrap_or(1)),
         ] {
             if value == 0 {
                 check(key, Err("must be greater than zero".into()));
@@ -427,10 +454,34 @@ impl Settings {
                 }
             },
         };
-        let backend_connect_timeout =
-            duration("backend-connect-timeout", &self.backend_connect_timeout, Duration::from_secs(5));
-        let backend_idle_timeout =
-            duration("backend-idle-timeout", &self.backend_idle_timeout, Duration::from_secs(90));
+        let backend_defaults = BackendSettings::default();
+        let backend = BackendSettings {
+            proxy_client_cert: proxy_client_cert.clone(),
+            connect_timeout: duration(
+                "backend-connect-timeout",
+                &self.backend_connect_timeout,
+                backend_defaults.connect_timeout,
+            ),
+            idle_timeout: duration("backend-idle-timeout", &self.backend_idle_timeout, backend_defaults.idle_timeout),
+            http2_ping_interval: duration(
+                "backend-http2-ping-interval",
+                &self.backend_http2_ping_interval,
+                backend_defaults.http2_ping_interval,
+            ),
+            http2_ping_timeout: duration(
+                "backend-http2-ping-timeout",
+                &self.backend_http2_ping_timeout,
+                backend_defaults.http2_ping_timeout,
+            ),
+            max_connections_per_endpoint: self
+                .backend_max_connections_per_endpoint
+                .unwrap_or(backend_defaults.max_connections_per_endpoint),
+            max_pending_per_endpoint: self
+                .backend_max_pending_requests
+                .unwrap_or(backend_defaults.max_pending_per_endpoint),
+            max_header_list_size: self.backend_max_header_list_size.unwrap_or(backend_defaults.max_header_list_size),
+            ..backend_defaults
+        };
         let token_review_cache_ttl = duration(
             "authentication-token-webhook-cache-ttl",
             &self.authentication_token_webhook_cache_ttl,
@@ -488,8 +539,7 @@ impl Settings {
             source,
             enable_aggregator_routing: self.enable_aggregator_routing.unwrap_or(false),
             reject_forwarding_redirects: self.aggregator_reject_forwarding_redirect.unwrap_or(true),
-            backend_connect_timeout,
-            backend_idle_timeout,
+            backend,
             token_review_cache_ttl,
             frontend,
             request_limits,
@@ -501,19 +551,24 @@ fn loaded<T>(result: Result<T, crate::tls::TlsError>) -> Result<T, String> {
     result.map_err(|e| e.to_string())
 }
 
-fn parse_service_entry(entry: &str) -> Result<(String, Authority), String> {
-    let (key, target) = entry.split_once('=').ok_or("expected namespace/name:port=host:port")?;
+/// `namespace/name:port=host:port[,host:port...]`: a service and its endpoints.
+fn parse_service_entry(entry: &str) -> Result<(String, Vec<Authority>), String> {
+    let (key, targets) = entry.split_once('=').ok_or("expected namespace/name:port=host:port")?;
     let (ns_name, port) = key.rsplit_once(':').ok_or("key must be namespace/name:port")?;
     let (ns, name) = ns_name.split_once('/').ok_or("key must be namespace/name:port")?;
     if ns.is_empty() || name.is_empty() {
         return Err("namespace and name must not be empty".into());
     }
     let port: u16 = port.parse().map_err(|_| format!("port {port:?} is not a number from 1 to 65535"))?;
-    let authority: Authority = target.parse().map_err(|e| format!("target {target:?}: {e}"))?;
-    if authority.port_u16().is_none() {
-        return Err(format!("target {target:?} must be host:port"));
+    let mut endpoints = Vec::new();
+    for target in targets.split(',').map(str::trim) {
+        let authority: Authority = target.parse().map_err(|e| format!("target {target:?}: {e}"))?;
+        if authority.port_u16().is_none() {
+            return Err(format!("target {target:?} must be host:port"));
+        }
+        endpoints.push(authority);
     }
-    Ok((format!("{ns}/{name}:{port}"), authority))
+    Ok((format!("{ns}/{name}:{port}"), endpoints))
 }
 
 fn parse_delegate(url: &str, ca_file: Option<&Path>) -> Result<Delegate, String> {
@@ -558,7 +613,7 @@ mod tests {
         assert!(config.anonymous_auth);
         let Source::Files { services, .. } = config.source else { panic!() };
         assert_eq!(services.len(), 2);
-        assert_eq!(services["ns/a:443"].as_str(), "127.0.0.1:9000");
+        assert_eq!(services["ns/a:443"][0].as_str(), "127.0.0.1:9000");
     }
 
     #[test]

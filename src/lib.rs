@@ -4,16 +4,17 @@
 //!  sources ──snapshots──▶ routing::writer ──ArcSwap──▶ RoutingTable
 //!  (files | cluster)       (single writer)                  │ load_full() per request
 //!                                                           ▼
-//!  client ─TLS─▶ server ─▶ authenticate ─▶ strip identity ─▶ route ─▶ proxy::forward ─▶ backend
-//!                (rustls,   (x509, tokens,   (X-Remote-*,              (pooled TLS,      or delegate
-//!                 h1 + h2)   front proxy)     Impersonate-*)            X-Remote-* set)
+//!  client ─TLS─▶ server ─▶ authenticate ─▶ strip identity ─▶ route ─▶ proxy::forward ─▶ backend::send
+//!                (rustls,   (x509, tokens,   (X-Remote-*,              (X-Remote-* set)   (P2C pick, stream-aware
+//!                 limits)    front proxy)     Impersonate-*)                                pools, retry) ─▶ server
 //! ```
 //!
 //! Module map, named as kube-aggregator names things: [`apiservice`] (model, validation,
 //! ordering), [`source`] (where APIServices come from), [`routing`] (the table and its writer,
 //! service resolution), [`server`] (TLS front end and the request pipeline), [`auth`]
 //! (authenticators, identity headers, TokenReview and SubjectAccessReview in cluster mode),
-//! [`proxy`] (backend clients, forwarding, protocol switches), [`availability`] (probes and
+//! [`proxy`] (forwarding, protocol switches), [`backend`] (the one way out: endpoints,
+//! stream-aware connection pools, balancing and ejection, backend TLS), [`availability`] (probes and
 //! the `Available` condition), [`check`] (the troubleshooting command),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
 //! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`config`], [`app`]
@@ -25,6 +26,7 @@ pub mod apiservice;
 pub mod app;
 pub mod auth;
 pub mod availability;
+pub mod backend;
 pub mod check;
 pub mod config;
 pub mod demo;

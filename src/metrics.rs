@@ -67,6 +67,20 @@ pub struct RequestKindLabels {
     pub request_kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointReasonLabels {
+    pub endpoint: Arc<str>,
+    pub reason: &'static str,
+}
+
+/// The reasons a backend connection ends, for removing an endpoint's series.
+const BACKEND_CLOSE_REASONS: [&str; 3] = ["closed", "ping-timeout", "error"];
+
 /// An open client connection, counted in `aggregator_proxy_open_connections` while it lives.
 pub struct OpenConnection(Gauge);
 
@@ -94,6 +108,14 @@ pub struct Metrics {
     request_timeouts: Counter,
     inflight_rejections: Family<RequestKindLabels, Counter>,
     manifest_rejections: Family<ReasonLabels, Counter>,
+    backend_connections: Family<EndpointLabels, Gauge>,
+    backend_in_flight: Family<EndpointLabels, Gauge>,
+    backend_connections_closed: Family<EndpointReasonLabels, Counter>,
+    backend_ejections: Family<EndpointLabels, Counter>,
+    backend_queue_rejections: Family<EndpointLabels, Counter>,
+    backend_queue_wait: Histogram,
+    backend_retries: Counter,
+    backend_header_rejections: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -201,6 +223,54 @@ impl Metrics {
             "Manifest files rejected when read, by reason (too-large, too-deep, too-many-objects, not-utf8, not-a-regular-file, unreadable, parse, invalid)",
             manifest_rejections.clone(),
         );
+        let backend_connections = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "aggregator_backend_connections",
+            "Open connections to each backend endpoint",
+            backend_connections.clone(),
+        );
+        let backend_in_flight = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "aggregator_backend_requests_in_flight",
+            "Requests (streams) in flight to each backend endpoint",
+            backend_in_flight.clone(),
+        );
+        let backend_connections_closed = Family::<EndpointReasonLabels, Counter>::default();
+        registry.register(
+            "aggregator_backend_connections_closed",
+            "Backend connections that ended, by endpoint and reason (closed: GOAWAY or EOF; ping-timeout: the backend stopped answering; error)",
+            backend_connections_closed.clone(),
+        );
+        let backend_ejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "aggregator_backend_ejections",
+            "Times an endpoint was left out of balancing after consecutive failures",
+            backend_ejections.clone(),
+        );
+        let backend_queue_rejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "aggregator_backend_queue_rejections",
+            "Requests failed fast because --backend-max-pending-requests were already waiting for a connection",
+            backend_queue_rejections.clone(),
+        );
+        let backend_queue_wait = Histogram::new(exponential_buckets(0.000_01, 4.0, 12));
+        registry.register(
+            "aggregator_backend_queue_wait_seconds",
+            "Time a request waited for a place on a backend connection",
+            backend_queue_wait.clone(),
+        );
+        let backend_retries = Counter::default();
+        registry.register(
+            "aggregator_backend_retries",
+            "Idempotent requests sent a second time after a connection-level failure",
+            backend_retries.clone(),
+        );
+        let backend_header_rejections = Counter::default();
+        registry.register(
+            "aggregator_backend_header_rejections",
+            "Requests answered 431 because their headers exceed what the backend accepts",
+            backend_header_rejections.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -219,6 +289,65 @@ impl Metrics {
             request_timeouts,
             inflight_rejections,
             manifest_rejections,
+            backend_connections,
+            backend_in_flight,
+            backend_connections_closed,
+            backend_ejections,
+            backend_queue_rejections,
+            backend_queue_wait,
+            backend_retries,
+            backend_header_rejections,
+        }
+    }
+
+    fn endpoint(endpoint: &Arc<str>) -> EndpointLabels {
+        EndpointLabels { endpoint: endpoint.clone() }
+    }
+
+    pub fn backend_connection_opened(&self, endpoint: &Arc<str>) {
+        self.backend_connections.get_or_create(&Self::endpoint(endpoint)).inc();
+    }
+
+    pub fn backend_connection_closed(&self, endpoint: &Arc<str>, reason: &'static str) {
+        self.backend_connections.get_or_create(&Self::endpoint(endpoint)).dec();
+        self.backend_connections_closed
+            .get_or_create(&EndpointReasonLabels { endpoint: endpoint.clone(), reason })
+            .inc();
+    }
+
+    pub fn backend_in_flight(&self, endpoint: &Arc<str>, delta: i64) {
+        self.backend_in_flight.get_or_create(&Self::endpoint(endpoint)).inc_by(delta);
+    }
+
+    pub fn backend_ejected(&self, endpoint: &Arc<str>) {
+        self.backend_ejections.get_or_create(&Self::endpoint(endpoint)).inc();
+    }
+
+    pub fn backend_queue_rejected(&self, endpoint: &Arc<str>) {
+        self.backend_queue_rejections.get_or_create(&Self::endpoint(endpoint)).inc();
+    }
+
+    pub fn backend_queue_waited(&self, waited: Duration) {
+        self.backend_queue_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn backend_retried(&self) {
+        self.backend_retries.inc();
+    }
+
+    pub fn backend_header_rejected(&self) {
+        self.backend_header_rejections.inc();
+    }
+
+    /// Removes an endpoint's series when it leaves every route.
+    pub fn forget_endpoint(&self, endpoint: &Arc<str>) {
+        let labels = Self::endpoint(endpoint);
+        self.backend_connections.remove(&labels);
+        self.backend_in_flight.remove(&labels);
+        self.backend_ejections.remove(&labels);
+        self.backend_queue_rejections.remove(&labels);
+        for reason in BACKEND_CLOSE_REASONS {
+            self.backend_connections_closed.remove(&EndpointReasonLabels { endpoint: endpoint.clone(), reason });
         }
     }
 

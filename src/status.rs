@@ -10,6 +10,18 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::auth::AuthError;
+use crate::backend::BackendError;
+
+/// A backend failure in the client's words: unavailable, unless the request itself was at
+/// fault or the backend was too slow.
+fn backend_message(apiservice: &str, error: &BackendError) -> String {
+    match error {
+        BackendError::HeadersTooLarge { .. } | BackendError::Timeout(_) => {
+            format!("APIService {apiservice:?}: {error}")
+        }
+        _ => format!("APIService {apiservice:?} is unavailable: {error}"),
+    }
+}
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
@@ -101,6 +113,9 @@ pub enum RequestError {
     /// The backend's TLS client could not be built from the APIService (bad caBundle, ...).
     #[error("APIService {apiservice:?}: {cause}")]
     Transport { apiservice: String, cause: String },
+    /// The backend layer could not get an answer: the words say where it broke.
+    #[error("{}", backend_message(apiservice, error))]
+    Backend { apiservice: String, error: crate::backend::BackendError },
     /// The backend answered a redirect, which the proxy refuses to forward.
     #[error("APIService {apiservice:?}: the backend attempted to redirect this request, which is not permitted")]
     RedirectRejected { apiservice: String },
@@ -131,6 +146,11 @@ impl RequestError {
             }
             Self::Transport { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::RedirectRejected { .. } => StatusCode::BAD_GATEWAY,
+            Self::Backend { error, .. } => match error {
+                BackendError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                BackendError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
@@ -154,6 +174,15 @@ impl RequestError {
             }
             Self::Transport { .. } => Status::failure(code, "InternalError", self.to_string()),
             Self::RedirectRejected { .. } => Status::failure(code, "BadGateway", self.to_string()),
+            Self::Backend { error, .. } => match error {
+                BackendError::HeadersTooLarge { .. } => Status::failure(code, "BadRequest", self.to_string()),
+                BackendError::Timeout(_) => Status::failure(code, "Timeout", self.to_string()),
+                BackendError::Overloaded { .. } | BackendError::QueueTimeout(_) => {
+                    Status::failure(code, "ServiceUnavailable", self.to_string())
+                        .with_details(StatusDetails { retry_after_seconds: Some(1), ..Default::default() })
+                }
+                _ => Status::failure(code, "ServiceUnavailable", self.to_string()),
+            },
             Self::BadRequest(message) => Status::failure(code, "BadRequest", message.clone()),
             Self::Timeout => Status::failure(code, "Timeout", self.to_string()).with_details(StatusDetails::default()),
             // kube answers these in plain text; the Status keeps its code, words and Retry-After.

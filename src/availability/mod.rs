@@ -18,8 +18,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::apiservice::ApiService;
+use crate::backend::BackendSettings;
 use crate::metrics::Metrics;
-use crate::proxy::client::ClientSettings;
 use crate::routing::writer::SharedTable;
 use crate::routing::{Route, RoutingTable, Upstream};
 pub use probe::{Reason, Report};
@@ -98,7 +98,7 @@ pub const MAX_CONCURRENT_PROBES: usize = 16;
 pub async fn check_selected(
     table: &RoutingTable,
     select: impl Fn(&Route) -> bool,
-    settings: &ClientSettings,
+    settings: &BackendSettings,
     availability: &Availability,
     metrics: &Metrics,
 ) {
@@ -115,7 +115,11 @@ pub async fn check_selected(
     let probes = futures_util::stream::iter(selected).map(|route: Arc<Route>| async move {
         let resolved = match &route.upstream {
             Upstream::Local => Ok(Vec::new()),
-            Upstream::Remote(remote) => remote.endpoints.as_ref().map(|e| e.targets().to_vec()).map_err(Clone::clone),
+            Upstream::Remote(remote) => remote
+                .endpoints
+                .as_ref()
+                .map(|e| e.all().iter().map(|e| e.authority().clone()).collect())
+                .map_err(Clone::clone),
         };
         probe::check(&route.apiservice, resolved, settings).await
     });
@@ -128,7 +132,12 @@ pub async fn check_selected(
 
 /// Runs until the process ends: every APIService every [`RECHECK_INTERVAL`]; after a
 /// routing-table change, only the APIServices that are new or changed.
-pub async fn run(table: SharedTable, settings: ClientSettings, availability: Arc<Availability>, metrics: Arc<Metrics>) {
+pub async fn run(
+    table: SharedTable,
+    settings: BackendSettings,
+    availability: Arc<Availability>,
+    metrics: Arc<Metrics>,
+) {
     let mut checked: Option<Arc<RoutingTable>> = None;
     let mut last_full = tokio::time::Instant::now();
     loop {

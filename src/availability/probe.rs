@@ -19,7 +19,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::apiservice::ApiService;
 use crate::auth::identity::{inject, UserInfo};
-use crate::proxy::client::{client_tls_config, describe_error, BackendTls, ClientSettings};
+use crate::backend::tls::{client_tls_config, describe_error};
+use crate::backend::{BackendSettings, BackendTls};
 use crate::routing::ResolveError;
 
 /// kube-aggregator's availability probe gives a backend five seconds.
@@ -105,7 +106,7 @@ fn explain_status(status: StatusCode, cn: &str) -> String {
 pub async fn check(
     apiservice: &ApiService,
     resolved: Result<Vec<Authority>, ResolveError>,
-    settings: &ClientSettings,
+    settings: &BackendSettings,
 ) -> Report {
     let mut report = Report::new(apiservice);
     let Some(service) = &apiservice.service else {
@@ -147,7 +148,7 @@ pub async fn check(
     report.step("resolve", true, format!("{} endpoint(s)", targets.len()));
     let tls = BackendTls::for_service(service);
     let server_name = tls.server_name.clone();
-    let config = match client_tls_config(&tls, settings) {
+    let config = match client_tls_config(&tls, settings.proxy_client_cert.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             report.step("tls-config", false, e.to_string());

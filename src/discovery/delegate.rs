@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::Authority;
 use http::StatusCode;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 use super::aggregated::{ApiGroupDiscoveryList, CONTENT_TYPE_AGGREGATED_V2};
 use super::fetcher::{decode, DelegateDiscovery, FetchError, Http};
 use super::openapi::v3_root_paths;
-use crate::proxy::client::BackendClient;
+use crate::backend::Endpoint;
 use crate::routing::writer::SharedTable;
 
 const REFRESH: Duration = Duration::from_secs(30);
@@ -54,13 +53,12 @@ async fn fetch(http: &Http, previous: &DelegateDiscovery) -> DelegateDiscovery {
 /// Runs until `tx` has no receivers; `attempted` turns true after the first round of fetches,
 /// successful or not, so readiness never waits on a delegate that is down.
 pub async fn run(
-    client: BackendClient,
-    authority: Authority,
+    endpoint: Arc<Endpoint>,
     table: SharedTable,
     tx: watch::Sender<Arc<DelegateDiscovery>>,
     attempted: watch::Sender<bool>,
 ) {
-    let http = Http { client, authority };
+    let http = Http { endpoint };
     let mut fetched_generation = None;
     let mut last_fetch = tokio::time::Instant::now();
     loop {

@@ -10,7 +10,8 @@
 //!   OpenAPI v2, OpenAPI v3), each its own task bounded by a timeout (5 s for discovery, as kube),
 //!   so a slow backend delays only its own documents. A fetch already running for a backend is
 //!   not started twice; a change seen meanwhile refetches when it ends.
-//! - **As whom.** Through the route's pooled [`BackendClient`], as user `system:kube-aggregator`
+//! - **As whom.** Through the backend layer (the route's endpoints, their connections shared
+//!   with the requests), as user `system:kube-aggregator`
 //!   in group `system:masters`, the identity kube-aggregator's discovery manager uses.
 //! - **Failures.** A backend that fails keeps its last known discovery, marked
 //!   `freshness: Stale`, and its last OpenAPI documents. A backend that has never answered is
@@ -30,7 +31,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
-use http::uri::{Authority, Scheme};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
@@ -47,7 +47,7 @@ use super::published::Published;
 use crate::apiservice::ServiceReference;
 use crate::auth::identity;
 use crate::auth::UserInfo;
-use crate::proxy::client::{describe_error, BackendClient};
+use crate::backend::{Endpoint, SendOptions};
 use crate::routing::writer::SharedTable;
 use crate::routing::{Route, RoutingTable, Upstream};
 
@@ -198,8 +198,7 @@ const KINDS: [Kind; 3] = [Kind::Discovery, Kind::OpenApiV2, Kind::OpenApiV3];
 /// How to reach a backend for one fetch.
 #[derive(Clone)]
 pub(crate) struct Http {
-    pub(crate) client: BackendClient,
-    pub(crate) authority: Authority,
+    pub(crate) endpoint: Arc<Endpoint>,
 }
 
 impl Http {
@@ -211,8 +210,6 @@ impl Http {
         if_none_match: Option<&HeaderValue>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), FetchError> {
         let uri = Uri::builder()
-            .scheme(Scheme::HTTPS)
-            .authority(self.authority.clone())
             .path_and_query(path)
             .build()
             .map_err(|e| FetchError::Decode { path: path.to_owned(), reason: e.to_string() })?;
@@ -227,11 +224,12 @@ impl Http {
         }
         // A fixed ASCII identity: it always fits in a header.
         let _ = identity::inject(&UserInfo::new(DISCOVERY_USER, vec![DISCOVERY_GROUP.to_owned()]), headers);
+        // Each fetch task has its own deadline around this.
         let response = self
-            .client
-            .send(request)
+            .endpoint
+            .send(request, &SendOptions::default())
             .await
-            .map_err(|e| FetchError::Unreachable(describe_error(&e, self.client.server_name())))?;
+            .map_err(|e| FetchError::Unreachable(e.to_string()))?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_DOCUMENT_BYTES)
             .collect()
@@ -540,10 +538,10 @@ impl Fetcher {
         }
         // Each fetch picks the next endpoint, as requests do.
         let http = match &inputs.route.upstream {
-            Upstream::Remote(remote) => match (&remote.client, &remote.endpoints) {
+            Upstream::Remote(remote) => match (&remote.backend, &remote.endpoints) {
                 (Err(e), _) => Err(FetchError::NoClient(e.to_string())),
                 (_, Err(e)) => Err(FetchError::NoEndpoints(e.to_string())),
-                (Ok(client), Ok(endpoints)) => Ok(Http { client: client.clone(), authority: endpoints.pick().clone() }),
+                (Ok(_), Ok(endpoints)) => Ok(Http { endpoint: endpoints.pick().clone() }),
             },
             Upstream::Local => Err(FetchError::NoEndpoints("a local APIService has no backend".into())),
         };
@@ -766,7 +764,7 @@ fn backend_inputs(table: &RoutingTable) -> HashMap<String, BackendInputs> {
                     service: service.clone(),
                     group_versions: BTreeSet::new(),
                     targets: match &remote.endpoints {
-                        Ok(e) => Ok(e.targets().iter().map(ToString::to_string).collect()),
+                        Ok(e) => Ok(e.all().iter().map(|e| e.authority().to_string()).collect()),
                         Err(e) => Err(e.to_string()),
                     },
                 },
@@ -785,7 +783,7 @@ fn backend_inputs(table: &RoutingTable) -> HashMap<String, BackendInputs> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::client::ClientCache;
+    use crate::backend::Backends;
     use crate::routing::StaticResolver;
 
     use crate::apiservice::testing::apiservice;
@@ -806,7 +804,7 @@ mod tests {
             ]
             .map(Arc::new),
             &StaticResolver::default(),
-            &ClientCache::default(),
+            &Backends::default(),
         );
         table.generation = 1;
         let shared: SharedTable = Arc::new(ArcSwap::from_pointee(table));
@@ -838,7 +836,7 @@ mod tests {
         let mut table = RoutingTable::build(
             &[apiservice("v1.apps", 17800, 15, None)].map(Arc::new),
             &StaticResolver::default(),
-            &ClientCache::default(),
+            &Backends::default(),
         );
         table.generation = 1;
         let shared: SharedTable = Arc::new(ArcSwap::from_pointee(table));

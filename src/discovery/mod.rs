@@ -110,7 +110,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::apiservice::ApiService;
-    use crate::proxy::client::ClientCache;
+    use crate::backend::Backends;
     use crate::routing::StaticResolver;
 
     fn local(name: &str, gpm: i32, vp: i32) -> ApiService {
@@ -123,7 +123,7 @@ mod tests {
             &[local("v1.", 18000, 1), local("v1.b.io", 10, 5), local("v2.b.io", 10, 15), local("v1.a.io", 20, 1)]
                 .map(Arc::new),
             &StaticResolver::default(),
-            &ClientCache::default(),
+            &Backends::default(),
         );
         let json = serde_json::to_value(api_group_list(&table)).unwrap();
         assert_eq!(

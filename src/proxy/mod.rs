@@ -5,21 +5,18 @@
 //! backend writes it). A backend that fails mid-body makes the client's stream fail too, as
 //! kube-aggregator does, rather than end it as if complete.
 
-pub mod client;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use crate::auth::identity;
 use crate::auth::UserInfo;
+use crate::backend::{self, BackendError, Endpoints, SendOptions};
 use crate::status::RequestError;
-use client::{describe_error, BackendClient};
 
 pub const HEADER_AUDIT_ID: &str = "audit-id";
 pub const HEADER_X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -72,15 +69,16 @@ pub struct Caller<'a> {
     pub audit_id: &'a HeaderValue,
 }
 
-/// One forwarding target: a backend client and the address picked for this request.
+/// One forwarding target: the endpoints of a backend and what the request asks of them.
 #[derive(Debug)]
 pub struct Target<'a> {
     /// The APIService name, for errors and logs (`delegate` for the local delegate).
     pub apiservice: &'a str,
-    pub client: &'a BackendClient,
-    pub authority: &'a Authority,
+    pub endpoints: &'a Endpoints,
     /// Whether this is a `/apis/<group>/<version>` discovery request (time-bounded).
     pub discovery: bool,
+    /// The request's deadline and whether it is long-running.
+    pub send: SendOptions,
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -104,7 +102,6 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// dropped; identity, `X-Forwarded-*` and `Audit-ID` set. Identity headers the client sent were
 /// stripped before routing.
 fn backend_request(
-    target: &Target<'_>,
     caller: &Caller<'_>,
     request: Request<hyper::body::Incoming>,
 ) -> Result<Request<Body>, RequestError> {
@@ -116,7 +113,8 @@ fn backend_request(
         Some(host) => Some(host.clone()),
         None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    let mut uri = Uri::builder().scheme(Scheme::HTTPS).authority(target.authority.clone());
+    // Path and query only: the backend layer names the endpoint it picks.
+    let mut uri = Uri::builder();
     if let Some(pq) = path_and_query {
         uri = uri.path_and_query(pq);
     }
@@ -156,24 +154,22 @@ pub async fn forward(
     if is_upgrade(request.headers()) {
         return forward_upgrade(target, caller, request).await;
     }
-    let outgoing = backend_request(&target, &caller, request)?;
-    let unavailable =
-        |cause: String| RequestError::ServiceUnavailable { apiservice: target.apiservice.to_owned(), cause };
-    let sent = target.client.send(outgoing);
-    let response = if target.discovery {
-        match tokio::time::timeout(settings.discovery_timeout, sent).await {
-            Ok(result) => result,
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "discovery request timed out after {}s",
-                    settings.discovery_timeout.as_secs_f32()
-                )))
-            }
-        }
-    } else {
-        sent.await
-    };
-    let response = response.map_err(|e| unavailable(describe_error(&e, target.client.server_name())))?;
+    let outgoing = backend_request(&caller, request)?;
+    let mut send = target.send;
+    if target.discovery {
+        // kube-aggregator bounds discovery requests, body included, to five seconds.
+        let bound = tokio::time::Instant::now() + settings.discovery_timeout;
+        send.deadline = Some(send.deadline.map_or(bound, |d| d.min(bound)));
+    }
+    let response = backend::send(target.endpoints, outgoing, &send).await.map_err(|error| match error {
+        BackendError::Timeout(_) if target.discovery => RequestError::Backend {
+            apiservice: target.apiservice.to_owned(),
+            error: BackendError::Timeout(settings.discovery_timeout),
+        },
+        // The request's own deadline passed: kube-apiserver's 504, in its words.
+        BackendError::Timeout(_) => RequestError::Timeout,
+        error => RequestError::Backend { apiservice: target.apiservice.to_owned(), error },
+    })?;
     if settings.reject_forwarding_redirects
         && response.status().is_redirection()
         && response.headers().get(header::LOCATION).is_some_and(|l| !l.is_empty())
@@ -211,14 +207,17 @@ async fn forward_upgrade(
         |cause: String| RequestError::ServiceUnavailable { apiservice: target.apiservice.to_owned(), cause };
     let protocol = request.headers().get(header::UPGRADE).cloned();
     let client_side = hyper::upgrade::on(&mut request);
-    let mut outgoing = backend_request(&target, &caller, request)?;
+    let mut outgoing = backend_request(&caller, request)?;
     outgoing.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Some(protocol) = protocol {
         outgoing.headers_mut().insert(header::UPGRADE, protocol);
     }
-    let mut response = target.client.send_upgrade(outgoing).await.map_err(|e| {
-        unavailable(format!("error dialing backend: {}", describe_error(&e, target.client.server_name())))
-    })?;
+    let mut response = target
+        .endpoints
+        .pick()
+        .send_upgrade(outgoing)
+        .await
+        .map_err(|e| unavailable(format!("error dialing backend: {e}")))?;
     let status = response.status();
     if status != http::StatusCode::SWITCHING_PROTOCOLS {
         if status.as_u16() < 400 {

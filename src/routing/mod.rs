@@ -3,7 +3,8 @@
 //! One writer ([`writer`]) builds a complete table from a snapshot of APIServices and service
 //! resolution, and swaps it in with arc-swap only when it differs from the one serving.
 //! Requests take one `load_full()` and never hold a lock: a table, once published, is never
-//! mutated (the round-robin cursor of a backend's endpoints is the only atomic inside).
+//! mutated (the endpoints it points at keep their own connections and health, shared with
+//! the tables before and after it).
 //!
 //! A build does the per-backend work (service resolution, the TLS client) once per distinct
 //! `spec.service`, not once per APIService: the versions and groups of one extension server
@@ -15,13 +16,12 @@ pub mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::uri::Authority;
 
 use crate::apiservice::{sorted_by_group_and_version_by, ApiService, ServiceReference};
-use crate::proxy::client::{BackendClient, BackendTls, ClientCache, TransportError};
+use crate::backend::{Backend, BackendTls, Backends, Endpoints, TransportError};
 pub use resolver::{ResolveError, ServiceResolver, StaticResolver};
 
 /// Where a routed request goes.
@@ -33,34 +33,11 @@ pub enum Upstream {
     Remote(Arc<RemoteUpstream>),
 }
 
-/// A remote APIService's backend: its client and resolved endpoints, or why it has none.
+/// A remote APIService's backend and its resolved endpoints, or why it has none.
 #[derive(Debug)]
 pub struct RemoteUpstream {
-    pub client: Result<BackendClient, TransportError>,
+    pub backend: Result<Arc<Backend>, TransportError>,
     pub endpoints: Result<Endpoints, ResolveError>,
-}
-
-/// Resolved `host:port` targets, handed out round-robin.
-#[derive(Debug)]
-pub struct Endpoints {
-    targets: Vec<Authority>,
-    next: AtomicUsize,
-}
-
-impl Endpoints {
-    fn new(targets: Vec<Authority>) -> Self {
-        Self { targets, next: AtomicUsize::new(0) }
-    }
-
-    /// The next target. Never empty: resolution without targets is a [`ResolveError`].
-    pub fn pick(&self) -> &Authority {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len();
-        &self.targets[i]
-    }
-
-    pub fn targets(&self) -> &[Authority] {
-        &self.targets
-    }
 }
 
 /// One APIService's route.
@@ -148,23 +125,23 @@ pub struct RoutingTable {
     groups: Vec<GroupRoutes>,
     by_group: HashMap<Arc<str>, usize>,
     inputs: Inputs,
-    /// The distinct TLS identities of the routes, so the client cache can drop the rest.
-    backend_tls: Vec<BackendTls>,
+    /// The backend identities and addresses the routes use, so the rest can be dropped.
+    in_use: HashMap<BackendTls, HashSet<Authority>>,
     /// Bumped by the writer on every swap; lets tests and metrics see a new table.
     pub generation: u64,
 }
 
 impl RoutingTable {
     /// Builds a table. `apiservices` must have unique names (sources guarantee it).
-    pub fn build(apiservices: &[Arc<ApiService>], resolver: &dyn ServiceResolver, clients: &ClientCache) -> Self {
-        Self::from_inputs(Inputs::resolve(apiservices, resolver), clients)
+    pub fn build(apiservices: &[Arc<ApiService>], resolver: &dyn ServiceResolver, backends: &Backends) -> Self {
+        Self::from_inputs(Inputs::resolve(apiservices, resolver), backends)
     }
 
     /// Builds a table from resolved inputs, the TLS client and endpoints of each distinct
     /// service made once.
-    pub fn from_inputs(inputs: Inputs, clients: &ClientCache) -> Self {
+    pub fn from_inputs(inputs: Inputs, backends: &Backends) -> Self {
         let mut upstreams: HashMap<ServiceKey<'_>, Arc<RemoteUpstream>> = HashMap::new();
-        let mut backend_tls = Vec::new();
+        let mut in_use: HashMap<BackendTls, HashSet<Authority>> = HashMap::new();
         let routes: Vec<Arc<Route>> = inputs
             .apiservices
             .iter()
@@ -176,19 +153,26 @@ impl RoutingTable {
                             .entry(ServiceKey(service))
                             .or_insert_with(|| {
                                 let tls = BackendTls::for_service(service);
-                                let client = clients.get(&tls);
-                                backend_tls.push(tls);
-                                Arc::new(RemoteUpstream {
-                                    client,
-                                    endpoints: match &**resolved {
-                                        Ok(targets) if targets.is_empty() => Err(ResolveError::NoEndpoints {
-                                            namespace: service.namespace.to_string(),
-                                            name: service.name.to_string(),
-                                        }),
-                                        Ok(targets) => Ok(Endpoints::new(targets.clone())),
-                                        Err(e) => Err(e.clone()),
-                                    },
-                                })
+                                let backend = backends.get(&tls);
+                                let no_endpoints = || ResolveError::NoEndpoints {
+                                    namespace: service.namespace.to_string(),
+                                    name: service.name.to_string(),
+                                };
+                                let endpoints = match (&**resolved, &backend) {
+                                    (Err(e), _) => Err(e.clone()),
+                                    (Ok(targets), Ok(backend)) => {
+                                        in_use.entry(tls).or_default().extend(targets.iter().cloned());
+                                        backend.endpoints(targets).ok_or_else(no_endpoints)
+                                    }
+                                    (Ok(targets), Err(_)) if targets.is_empty() => Err(no_endpoints()),
+                                    // Reported through `backend`, which routing checks first.
+                                    (Ok(_), Err(e)) => Err(ResolveError::Unroutable {
+                                        namespace: service.namespace.to_string(),
+                                        name: service.name.to_string(),
+                                        reason: e.to_string(),
+                                    }),
+                                };
+                                Arc::new(RemoteUpstream { backend, endpoints })
                             })
                             .clone(),
                     ),
@@ -205,7 +189,7 @@ impl RoutingTable {
             by_group.insert(name.clone(), groups.len());
             groups.push(GroupRoutes { name, versions: group.into_iter().cloned().collect() });
         }
-        Self { groups, by_group, inputs, backend_tls, generation: 0 }
+        Self { groups, by_group, inputs, in_use, generation: 0 }
     }
 
     /// Whether building from these inputs would give this very table.
@@ -236,9 +220,9 @@ impl RoutingTable {
         &self.inputs.apiservices
     }
 
-    /// The TLS identities in use, so the client cache can drop the rest.
-    pub fn backend_tls_in_use(&self) -> HashSet<BackendTls> {
-        self.backend_tls.iter().cloned().collect()
+    /// The backend identities and addresses in use, so [`Backends`] can drop the rest.
+    pub fn backends_in_use(&self) -> &HashMap<BackendTls, HashSet<Authority>> {
+        &self.in_use
     }
 }
 
@@ -249,12 +233,12 @@ mod tests {
     use crate::apiservice::testing::apiservice;
 
     fn resolver() -> StaticResolver {
-        StaticResolver::new(HashMap::from([("ns/echo:443".to_owned(), "127.0.0.1:9443".parse().unwrap())]))
+        StaticResolver::new(HashMap::from([("ns/echo:443".to_owned(), vec!["127.0.0.1:9443".parse().unwrap()])]))
     }
 
     #[test]
     fn routes_resolve_by_group_and_version_with_preferred_first() {
-        let clients = ClientCache::default();
+        let clients = Backends::default();
         let table = RoutingTable::build(
             &[
                 Arc::new(apiservice("v1.echo.io", 100, 10, Some("echo"))),
@@ -270,21 +254,21 @@ mod tests {
         assert_eq!(&*table.group("echo.io").unwrap().versions[0].apiservice.version, "v2");
         let route = table.route("echo.io", "v1").unwrap();
         let Upstream::Remote(remote) = &route.upstream else { panic!("remote expected") };
-        assert_eq!(remote.endpoints.as_ref().unwrap().pick().as_str(), "127.0.0.1:9443");
+        assert_eq!(remote.endpoints.as_ref().unwrap().pick().authority().as_str(), "127.0.0.1:9443");
         let Upstream::Remote(missing) = &table.route("missing.io", "v1").unwrap().upstream else { panic!() };
         assert_eq!(missing.endpoints.as_ref().unwrap_err().to_string(), "service ns/gone not found");
         assert!(matches!(table.route("", "v1").unwrap().upstream, Upstream::Local));
         assert!(table.route("echo.io", "v3").is_none());
-        // Two APIServices on one backend share one client and one upstream.
+        // Two APIServices on one backend share one backend and one upstream.
         assert_eq!(clients.len(), 2);
         let Upstream::Remote(v2) = &table.route("echo.io", "v2").unwrap().upstream else { panic!() };
         assert!(Arc::ptr_eq(remote, v2));
-        assert_eq!(table.backend_tls_in_use().len(), 2);
+        assert_eq!(table.backends_in_use().len(), 1, "the unresolvable service has no address in use");
     }
 
     #[test]
     fn a_table_knows_the_inputs_it_was_built_from() {
-        let clients = ClientCache::default();
+        let clients = Backends::default();
         let set = vec![Arc::new(apiservice("v1.echo.io", 100, 10, Some("echo")))];
         let table = RoutingTable::build(&set, &resolver(), &clients);
         assert!(table.is_built_from(&set, &resolver()));
@@ -296,7 +280,7 @@ mod tests {
 
     #[test]
     fn services_differing_only_in_ca_bundle_get_their_own_upstream() {
-        let clients = ClientCache::default();
+        let clients = Backends::default();
         let mut other = apiservice("v1.other.io", 100, 10, Some("echo"));
         if let Some(s) = other.service.as_mut() {
             s.ca_bundle = Arc::from(&b"not a bundle"[..]);
@@ -310,15 +294,8 @@ mod tests {
         let Upstream::Remote(echo) = &table.route("echo.io", "v1").unwrap().upstream else { panic!() };
         let Upstream::Remote(other) = &table.route("other.io", "v1").unwrap().upstream else { panic!() };
         assert!(!Arc::ptr_eq(echo, other));
-        assert!(echo.client.is_ok());
-        assert!(other.client.is_err(), "an unparsable caBundle is this upstream's own error");
-        assert_eq!(table.backend_tls_in_use().len(), 2);
-    }
-
-    #[test]
-    fn endpoints_are_handed_out_round_robin() {
-        let e = Endpoints::new(vec!["a:1".parse().unwrap(), "b:1".parse().unwrap()]);
-        let picks: Vec<_> = (0..4).map(|_| e.pick().as_str().to_owned()).collect();
-        assert_eq!(picks, ["a:1", "b:1", "a:1", "b:1"]);
+        assert!(echo.backend.is_ok());
+        assert!(other.backend.is_err(), "an unparsable caBundle is this upstream's own error");
+        assert_eq!(table.backends_in_use().len(), 1);
     }
 }

@@ -30,20 +30,20 @@ pub trait ServiceResolver: Send + Sync {
     fn resolve(&self, service: &ServiceReference) -> Result<Vec<Authority>, ResolveError>;
 }
 
-/// Standalone mode: a fixed map from `namespace/name:port` to `host:port`.
+/// Standalone mode: a fixed map from `namespace/name:port` to one or more `host:port`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StaticResolver {
-    services: HashMap<String, Authority>,
+    services: HashMap<String, Vec<Authority>>,
 }
 
 impl StaticResolver {
-    pub fn new(services: HashMap<String, Authority>) -> Self {
+    pub fn new(services: HashMap<String, Vec<Authority>>) -> Self {
         Self { services }
     }
 }
 
 impl ServiceResolver for StaticResolver {
     fn resolve(&self, service: &ServiceReference) -> Result<Vec<Authority>, ResolveError> {
-        self.services.get(&service.key()).map(|a| vec![a.clone()]).ok_or_else(|| ResolveError::not_found(service))
+        self.services.get(&service.key()).cloned().ok_or_else(|| ResolveError::not_found(service))
     }
 }

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 
 use super::{Inputs, RoutingTable, ServiceResolver};
 use crate::apiservice::ApiService;
+use crate::backend::Backends;
 use crate::metrics::Metrics;
-use crate::proxy::client::ClientCache;
 
 /// Everything a table is built from, as one source saw it at one moment.
 #[derive(Clone)]
@@ -29,14 +29,14 @@ pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 pub async fn run(
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     table: SharedTable,
-    clients: Arc<ClientCache>,
+    backends: Arc<Backends>,
     ready: watch::Sender<bool>,
     metrics: Arc<Metrics>,
 ) {
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         if let Some(snapshot) = snapshot {
-            apply(&snapshot, &table, &clients, &metrics);
+            apply(&snapshot, &table, &backends, &metrics);
             ready.send_replace(true);
         }
         if snapshots.changed().await.is_err() {
@@ -48,20 +48,20 @@ pub async fn run(
 /// Builds and swaps in a table for `snapshot`, unless the serving table already matches it.
 /// Returns whether a new table was published. Services are resolved once, for both the
 /// comparison and the build.
-pub fn apply(snapshot: &Snapshot, table: &SharedTable, clients: &ClientCache, metrics: &Metrics) -> bool {
+pub fn apply(snapshot: &Snapshot, table: &SharedTable, backends: &Backends, metrics: &Metrics) -> bool {
     let current = table.load();
     let started = std::time::Instant::now();
     let inputs = Inputs::resolve(&snapshot.apiservices, snapshot.resolver.as_ref());
     if current.generation > 0 && current.is_built_from_inputs(&inputs) {
         return false;
     }
-    let mut next = RoutingTable::from_inputs(inputs, clients);
+    let mut next = RoutingTable::from_inputs(inputs, backends);
     next.generation = current.generation + 1;
-    let in_use = next.backend_tls_in_use();
+    let next = Arc::new(next);
     let count = next.apiservices().len();
     let generation = next.generation;
-    table.store(Arc::new(next));
-    clients.retain(&in_use);
+    table.store(next.clone());
+    backends.retain(next.backends_in_use());
     metrics.table_rebuilt(count, started.elapsed());
     tracing::info!(generation, apiservices = count, elapsed = ?started.elapsed(), "routing table updated");
     true

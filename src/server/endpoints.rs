@@ -155,10 +155,10 @@ async fn debug_apiservices(State(state): State<EndpointState>) -> Response {
             let a = &route.apiservice;
             let (served, reason) = match &route.upstream {
                 Upstream::Local => (true, "Local".to_owned()),
-                Upstream::Remote(remote) => match (&remote.client, &remote.endpoints) {
+                Upstream::Remote(remote) => match (&remote.backend, &remote.endpoints) {
                     (Err(e), _) => (false, e.to_string()),
                     (_, Err(e)) => (false, e.to_string()),
-                    (Ok(_), Ok(endpoints)) => (true, format!("{} endpoint(s)", endpoints.targets().len())),
+                    (Ok(_), Ok(endpoints)) => (true, format!("{} endpoint(s)", endpoints.all().len())),
                 },
             };
             views.push(ApiServiceView {

@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use axum::body::Body;
 use http::header::HeaderValue;
-use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
@@ -32,8 +31,8 @@ use super::ConnectionInfo;
 use crate::auth::authorization::SubjectAccessReviewer;
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::{AuthChain, Credentials, UserInfo};
+use crate::backend::{Endpoints, SendOptions};
 use crate::metrics::Metrics;
-use crate::proxy::client::BackendClient;
 use crate::proxy::{self, Caller, ForwardSettings, Target, HEADER_AUDIT_ID};
 use crate::routing::path::{classify, ApiPath};
 use crate::routing::writer::SharedTable;
@@ -41,10 +40,9 @@ use crate::routing::{Route, RoutingTable, Upstream};
 use crate::status::RequestError;
 
 /// The local delegate: kube-apiserver in cluster mode.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DelegateTarget {
-    pub client: BackendClient,
-    pub authority: Authority,
+    pub endpoints: Endpoints,
 }
 
 /// Everything the request path needs, shared by all connections.
@@ -124,15 +122,17 @@ impl Gateway {
             match self.limits.classify(&request) {
                 Err(e) => e.into_response(),
                 Ok(class) => {
-                    let work = self.admitted(conn, &class, &audit_id, &mut outcome, request);
-                    match class.timeout {
+                    let until = class.timeout.map(|t| tokio::time::Instant::from_std(started) + t);
+                    let send = SendOptions { deadline: until, long_running: class.long_running };
+                    let work = self.admitted(conn, &class, send, &audit_id, &mut outcome, request);
+                    match until {
                         None => work.await,
-                        Some(timeout) => {
-                            let until = tokio::time::Instant::from_std(started) + timeout;
+                        Some(until) => {
                             match tokio::time::timeout_at(until, work).await {
                                 Ok(response) => {
-                                    // The body must be sent by the same deadline.
-                                    deadline = Some(until);
+                                    // The body must be sent by the same deadline; an answer made
+                                    // at the deadline (the backend layer's own 504) is sent whole.
+                                    deadline = Some(until).filter(|d| *d > tokio::time::Instant::now());
                                     response
                                 }
                                 Err(_) => {
@@ -159,6 +159,7 @@ impl Gateway {
         &self,
         conn: &ConnectionInfo,
         class: &RequestClass,
+        send: SendOptions,
         audit_id: &HeaderValue,
         outcome: &mut Outcome,
         mut request: Request<Incoming>,
@@ -174,7 +175,7 @@ impl Gateway {
                 return RequestError::TooManyRequests.into_response();
             }
         }
-        let (label, response) = self.route_and_forward(conn, &user, audit_id, request).await;
+        let (label, response) = self.route_and_forward(conn, &user, send, audit_id, request).await;
         outcome.label = label;
         response
     }
@@ -198,6 +199,7 @@ impl Gateway {
         &self,
         conn: &ConnectionInfo,
         user: &UserInfo,
+        send: SendOptions,
         audit_id: &HeaderValue,
         request: Request<Incoming>,
     ) -> (Arc<str>, Response<Body>) {
@@ -228,12 +230,8 @@ impl Gateway {
                 let label = apiservice.clone().unwrap_or_else(|| DELEGATE_METRICS_LABEL.clone());
                 let response = match &self.delegate {
                     Some(d) => {
-                        let target = Target {
-                            apiservice: DELEGATE_LABEL,
-                            client: &d.client,
-                            authority: &d.authority,
-                            discovery: false,
-                        };
+                        let target =
+                            Target { apiservice: DELEGATE_LABEL, endpoints: &d.endpoints, discovery: false, send };
                         proxy::forward(&self.forward, target, caller, request).await
                     }
                     None => Err(RequestError::NoDelegate {
@@ -243,7 +241,7 @@ impl Gateway {
                 (label, response.unwrap_or_else(RequestError::into_response))
             }
             Decision::Remote { route, discovery } => {
-                let response = self.forward_remote(&route, discovery, caller, request).await;
+                let response = self.forward_remote(&route, discovery, send, caller, request).await;
                 (route.apiservice.name.clone(), response.unwrap_or_else(RequestError::into_response))
             }
         }
@@ -253,6 +251,7 @@ impl Gateway {
         &self,
         route: &Route,
         discovery: bool,
+        send: SendOptions,
         caller: Caller<'_>,
         request: Request<Incoming>,
     ) -> Result<Response<Body>, RequestError> {
@@ -260,15 +259,14 @@ impl Gateway {
         let Upstream::Remote(remote) = &route.upstream else {
             return Err(RequestError::NoDelegate { apiservice: apiservice.to_owned() });
         };
-        let client = remote
-            .client
-            .as_ref()
-            .map_err(|e| RequestError::Transport { apiservice: apiservice.to_owned(), cause: e.to_string() })?;
+        if let Err(e) = &remote.backend {
+            return Err(RequestError::Transport { apiservice: apiservice.to_owned(), cause: e.to_string() });
+        }
         let endpoints = remote.endpoints.as_ref().map_err(|e| RequestError::ServiceUnavailable {
             apiservice: apiservice.to_owned(),
             cause: e.to_string(),
         })?;
-        let target = Target { apiservice, client, authority: endpoints.pick(), discovery };
+        let target = Target { apiservice, endpoints, discovery, send };
         proxy::forward(&self.forward, target, caller, request).await
     }
 

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod cluster_proxy;
+pub mod h2_backend;
 pub mod raw;
 pub mod slow_backend;
 pub mod standalone;

@@ -1,53 +1,16 @@
-//! Backend clients: one pooled HTTPS client per distinct TLS identity of a backend.
-//!
-//! A client is keyed by what its TLS configuration is made of (server name, caBundle,
-//! insecureSkipTLSVerify), so APIServices that share a backend share its connection pool, and a
-//! routing-table rebuild that does not change those inputs keeps warm connections. ALPN offers
-//! `h2` first: one multiplexed HTTP/2 connection per backend when the backend speaks it.
+//! How the proxy trusts and presents itself to a backend: the TLS identity of a backend
+//! (server name, caBundle, insecureSkipTLSVerify), the rustls client configuration made from
+//! it, and the words for what went wrong in TLS and below, for the client's Status.
 
 use std::error::Error as StdError;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::Body;
-use dashmap::DashMap;
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::apiservice::ServiceReference;
 use crate::tls::{self, CertifiedKey};
-
-/// Connection settings shared by every backend client.
-#[derive(Debug, Clone)]
-pub struct ClientSettings {
-    /// Presented to backends (`--proxy-client-cert-file` / `--proxy-client-key-file`).
-    pub proxy_client_cert: Option<CertifiedKey>,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_idle_per_backend: usize,
-    /// HTTP/2 PING interval on idle connections; a dead backend is noticed within
-    /// interval + timeout instead of when the kernel gives up.
-    pub http2_keep_alive_interval: Duration,
-    pub http2_keep_alive_timeout: Duration,
-}
-
-impl Default for ClientSettings {
-    fn default() -> Self {
-        Self {
-            proxy_client_cert: None,
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(90),
-            max_idle_per_backend: 25,
-            http2_keep_alive_interval: Duration::from_secs(30),
-            http2_keep_alive_timeout: Duration::from_secs(15),
-        }
-    }
-}
 
 /// How to trust one backend.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -77,85 +40,12 @@ pub struct TransportError {
     pub reason: String,
 }
 
-/// A pooled HTTP/1.1 + HTTP/2 client for one backend TLS identity.
-#[derive(Clone)]
-pub struct BackendClient {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
-    /// HTTP/1.1 only: a protocol switch (WebSocket, SPDY) cannot ride an HTTP/2 stream.
-    upgrades: Client<HttpsConnector<HttpConnector>, Body>,
-    server_name: Arc<str>,
-}
-
-fn pooled_client(
-    config: ClientConfig,
-    server_name: ServerName<'static>,
-    settings: &ClientSettings,
-    http2: bool,
-) -> Client<HttpsConnector<HttpConnector>, Body> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(settings.connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_only()
-        .with_server_name_resolver(FixedServerNameResolver::new(server_name));
-    let connector = if http2 {
-        builder.enable_all_versions().wrap_connector(http)
-    } else {
-        builder.enable_http1().wrap_connector(http)
-    };
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(settings.idle_timeout)
-        .pool_max_idle_per_host(settings.max_idle_per_backend)
-        .http2_keep_alive_interval(settings.http2_keep_alive_interval)
-        .http2_keep_alive_timeout(settings.http2_keep_alive_timeout)
-        .http2_keep_alive_while_idle(true)
-        .build(connector)
-}
-
-impl std::fmt::Debug for BackendClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendClient").field("server_name", &self.server_name).finish_non_exhaustive()
-    }
-}
-
-impl BackendClient {
-    pub fn new(tls: &BackendTls, settings: &ClientSettings) -> Result<Self, TransportError> {
-        let config = client_tls_config(tls, settings)?;
-        let server_name = ServerName::try_from(tls.server_name.clone())
-            .map_err(|e| TransportError { field: "spec.service", reason: format!("invalid server name: {e}") })?;
-        Ok(Self {
-            client: pooled_client(config.clone(), server_name.clone(), settings, true),
-            upgrades: pooled_client(config, server_name, settings, false),
-            server_name: tls.server_name.as_str().into(),
-        })
-    }
-
-    pub fn server_name(&self) -> &str {
-        &self.server_name
-    }
-
-    /// Sends a protocol-switch request over HTTP/1.1.
-    pub async fn send_upgrade(
-        &self,
-        request: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.upgrades.request(request).await
-    }
-
-    pub async fn send(
-        &self,
-        request: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(request).await
-    }
-}
-
-pub(crate) fn client_tls_config(tls: &BackendTls, settings: &ClientSettings) -> Result<ClientConfig, TransportError> {
+/// The rustls configuration for one backend identity, presenting `proxy_client_cert`. ALPN is
+/// left to the caller.
+pub fn client_tls_config(
+    tls: &BackendTls,
+    proxy_client_cert: Option<&CertifiedKey>,
+) -> Result<ClientConfig, TransportError> {
     let provider = tls::crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -165,13 +55,12 @@ pub(crate) fn client_tls_config(tls: &BackendTls, settings: &ClientSettings) -> 
     } else {
         builder.with_root_certificates(root_store(&tls.ca_bundle)?)
     };
-    let config = match &settings.proxy_client_cert {
+    let config = match proxy_client_cert {
         Some(cert) => builder
             .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
             .map_err(|e| TransportError { field: "proxy client certificate", reason: e.to_string() })?,
         None => builder.with_no_client_auth(),
     };
-    // hyper-rustls sets ALPN (`h2`, `http/1.1`) itself from `enable_all_versions`.
     Ok(config)
 }
 
@@ -227,44 +116,6 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Backend clients by TLS identity, shared across routing-table generations.
-#[derive(Default)]
-pub struct ClientCache {
-    settings: ClientSettings,
-    clients: DashMap<BackendTls, Result<BackendClient, TransportError>>,
-}
-
-impl ClientCache {
-    pub fn new(settings: ClientSettings) -> Self {
-        Self { settings, clients: DashMap::new() }
-    }
-
-    pub fn settings(&self) -> &ClientSettings {
-        &self.settings
-    }
-
-    /// The client for `tls`, built on first use.
-    pub fn get(&self, tls: &BackendTls) -> Result<BackendClient, TransportError> {
-        if let Some(client) = self.clients.get(tls) {
-            return client.clone();
-        }
-        self.clients.entry(tls.clone()).or_insert_with(|| BackendClient::new(tls, &self.settings)).clone()
-    }
-
-    /// Drops clients (and their pools) no longer used by any route.
-    pub fn retain(&self, in_use: &std::collections::HashSet<BackendTls>) {
-        self.clients.retain(|k, _| in_use.contains(k));
-    }
-
-    pub fn len(&self) -> usize {
-        self.clients.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.clients.is_empty()
     }
 }
 

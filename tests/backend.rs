@@ -1,0 +1,326 @@
+//! The backend connection layer against real HTTP/2 backends on loopback: stream limits and
+//! long watches, balancing and ejection across endpoints, a frozen backend, GOAWAY under load,
+//! a backend that never answers, and a request whose headers the backend would choke on.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::client::TestClient;
+use common::h2_backend::{FreezableRelay, H2Backend};
+use common::standalone::Standalone;
+use common::wait::eventually;
+use http::StatusCode;
+use kube_aggregation_proxy::config::Settings;
+
+const GROUP: &str = "b.example.com";
+
+fn manifest() -> String {
+    format!(
+        "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: v1.{GROUP}}}\n\
+         spec: {{group: {GROUP}, version: v1, groupPriorityMinimum: 100, versionPriority: 10, insecureSkipTLSVerify: true,\n\
+         service: {{namespace: kube-system, name: b, port: 443}}}}\n"
+    )
+}
+
+/// The standalone proxy with APIService `v1.b.example.com` on `endpoints`.
+async fn proxy_for(endpoints: &[SocketAddr], adjust: impl FnOnce(&mut Settings)) -> Standalone {
+    let list: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+    let env = Standalone::start_with(|s| {
+        s.services.push(format!("kube-system/b:443={}", list.join(",")));
+        adjust(s);
+    })
+    .await;
+    env.write_manifest("b.yaml", &manifest());
+    let admin = env.admin();
+    eventually(Duration::from_secs(10), || async {
+        let debug = admin.get(&env.url("/debug/apiservices")).await.map_err(|e| e.to_string())?.json();
+        let listed = debug["apiservices"].as_array().is_some_and(|a| a.iter().any(|x| x["group"] == GROUP));
+        if listed {
+            Ok(())
+        } else {
+            Err("not routed yet".to_owned())
+        }
+    })
+    .await;
+    env
+}
+
+fn url(env: &Standalone, rest: &str) -> String {
+    env.url(&format!("/apis/{GROUP}/v1/{rest}"))
+}
+
+fn dead_address() -> SocketAddr {
+    // Bound, then released: nothing listens there.
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap()
+}
+
+async fn metrics(env: &Standalone) -> String {
+    env.admin().get(&env.url("/metrics")).await.unwrap().text()
+}
+
+/// The value of a metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_thousand_watches_past_the_backends_stream_limit_never_starve_short_requests() {
+    let backend = H2Backend::start("b1", 100).await;
+    let env = proxy_for(&[backend.addr], |s| s.http2_max_streams_per_connection = Some(1100)).await;
+    let client = env.client().client_cert(&env.pki.admin).http2_only().build();
+    // Each watch is read as a client reads one, counting the events it gets.
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut watches = Vec::new();
+    for i in 0..1000 {
+        let mut watch = client.get_streaming(&url(&env, &format!("things?watch=true&w={i}"))).await.unwrap();
+        assert_eq!(watch.status, 200, "watch {i}");
+        let events = events.clone();
+        watches.push(tokio::spawn(async move {
+            while let Ok(Some(_)) = watch.next_chunk().await {
+                events.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Every watch holds a stream; a short GET still gets through, each within a second.
+    let quick = env.client().client_cert(&env.pki.admin).http2_only().timeout(Duration::from_secs(1)).build();
+    for i in 0..20 {
+        let r = quick.get(&url(&env, &format!("things/t{i}"))).await.unwrap_or_else(|e| panic!("short GET {i}: {e}"));
+        assert_eq!(r.status, 200);
+    }
+    // The watches are still streaming, and none has ended.
+    let seen = events.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(5), || async {
+        let now = events.load(Ordering::Relaxed);
+        if now >= seen + 1000 {
+            Ok(())
+        } else {
+            Err(format!("{} events since", now - seen))
+        }
+    })
+    .await;
+    assert!(watches.iter().all(|w| !w.is_finished()), "every watch is still open");
+    let text = metrics(&env).await;
+    let label = format!("aggregator_backend_connections{{endpoint=\"{}\"}}", backend.addr);
+    let connections = metric(&text, &label).unwrap_or_default();
+    assert!(connections >= 11.0, "1000 watches at 100 streams a connection need 11 connections: {connections}");
+    for watch in watches {
+        watch.abort();
+    }
+    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{}\"}}", backend.addr);
+    eventually(Duration::from_secs(10), || async {
+        let n = metric(&metrics(&env).await, &in_flight).unwrap_or(-1.0);
+        if n == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} still in flight"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_and_a_failing_one_are_ejected_and_clients_stop_seeing_errors() {
+    let good = H2Backend::start("good", 100).await;
+    let failing = H2Backend::start("failing", 100).await;
+    failing.fail.store(true, Ordering::SeqCst);
+    let dead = dead_address();
+    let env = proxy_for(&[good.addr, failing.addr, dead], |_| {}).await;
+    let client = env.admin();
+    let mut errors = Vec::new();
+    for i in 0..80 {
+        let r = client.get(&url(&env, &format!("things/{i}"))).await.unwrap();
+        if r.status != 200 {
+            errors.push((i, r.status));
+        }
+    }
+    // The dead endpoint's refusals are retried elsewhere; the failing one's 500s reach the
+    // client until it is ejected (five in a row) or the balancer stops picking it, then
+    // nothing does.
+    assert!(errors.iter().all(|(i, _)| *i < 40), "errors after the first 40 requests: {errors:?}");
+    assert!(errors.len() <= 10, "{errors:?}");
+    let text = metrics(&env).await;
+    let ejections =
+        |addr: SocketAddr| metric(&text, &format!("aggregator_backend_ejections_total{{endpoint=\"{addr}\"}}"));
+    assert!(ejections(dead).is_some_and(|n| n >= 1.0), "the dead endpoint was ejected: {text}");
+    assert!(metric(&text, "aggregator_backend_retries_total").is_some_and(|n| n >= 1.0), "{text}");
+    let failing_served = failing.requests.load(Ordering::SeqCst);
+    assert!(
+        ejections(failing.addr).is_some_and(|n| n >= 1.0) || failing_served <= 10,
+        "the failing endpoint is ejected or avoided: {failing_served} requests"
+    );
+    // Recovered, it is probed back in by real traffic once its backoff ends.
+    failing.fail.store(false, Ordering::SeqCst);
+    let before = failing.requests.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(40), || async {
+        let r = client.get(&url(&env, "things/again")).await.map_err(|e| e.to_string())?;
+        let served = failing.requests.load(Ordering::SeqCst) > before;
+        if r.status == 200 && served {
+            Ok(())
+        } else {
+            Err(format!("{} / back in: {served}", r.status))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_frozen_backend_is_found_dead_within_five_seconds_and_serves_again_when_thawed() {
+    let backend = H2Backend::start("frozen", 100).await;
+    let relay = FreezableRelay::start(backend.addr).await;
+    let env = proxy_for(&[relay.addr], |s| s.backend_connect_timeout = Some("1s".into())).await;
+    let client = env.client().client_cert(&env.pki.admin).timeout(Duration::from_secs(20)).build();
+    let mut watch = client.get_streaming(&url(&env, "things?watch=true")).await.unwrap();
+    assert!(watch.next_chunk().await.unwrap().is_some());
+    relay.freeze(true);
+    let frozen_at = std::time::Instant::now();
+    // The watch's connection is declared dead (HTTP/2 PING unanswered): the stream fails.
+    while let Ok(Some(_)) = watch.next_chunk().await {}
+    let found = frozen_at.elapsed();
+    assert!(found < Duration::from_secs(5) + Duration::from_secs(3), "found dead after {found:?}");
+    // New requests fail fast with a Status while it stays frozen.
+    let r = client.get(&url(&env, "things/x")).await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.json()["message"].as_str().unwrap().starts_with("APIService \"v1.b.example.com\" is unavailable: "));
+    let text = metrics(&env).await;
+    assert!(
+        text.contains(&format!(
+            "aggregator_backend_connections_closed_total{{endpoint=\"{}\",reason=\"ping-timeout\"}}",
+            relay.addr
+        )),
+        "{text}"
+    );
+    relay.freeze(false);
+    eventually(Duration::from_secs(40), || async {
+        let r = client.get(&url(&env, "things/x")).await.map_err(|e| e.to_string())?;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{}", r.status))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn goaway_under_steady_load_of_gets_loses_no_request() {
+    let backend = H2Backend::start("rotating", 100).await;
+    let env = proxy_for(&[backend.addr], |_| {}).await;
+    let client = env.admin();
+    let mut failures = Vec::new();
+    for round in 0..6 {
+        let requests: Vec<_> = (0..50)
+            .map(|i| {
+                let (client, url) = (client.clone(), url(&env, &format!("things/{round}-{i}")));
+                tokio::spawn(async move { client.get(&url).await.map(|r| (r.status, r.text())) })
+            })
+            .collect();
+        backend.goaway();
+        for r in requests {
+            match r.await.unwrap() {
+                Ok((StatusCode::OK, _)) => {}
+                other => failures.push(format!("{other:?}")),
+            }
+        }
+    }
+    let text = metrics(&env).await;
+    let backend_lines: Vec<_> = text.lines().filter(|l| l.starts_with("aggregator_backend")).collect();
+    assert!(failures.is_empty(), "{} failed, the first: {:?}; {backend_lines:#?}", failures.len(), failures.first());
+    assert!(backend.connections.load(Ordering::SeqCst) >= 2, "GOAWAY made the proxy open new connections");
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_gets_504_at_the_deadline_and_holds_no_queue() {
+    let backend = H2Backend::start("silent", 100).await;
+    let env = proxy_for(&[backend.addr], |s| s.request_timeout = Some("1s".into())).await;
+    let client = env.admin();
+    let hung: Vec<_> = (0..50)
+        .map(|_| {
+            let (client, direct) = (client.clone(), url(&env, "hang"));
+            tokio::spawn(async move { client.get(&direct).await.map(|r| (r.status, r.json())) })
+        })
+        .collect();
+    for h in hung {
+        let (status, body) = h.await.unwrap().unwrap();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["reason"], "Timeout");
+    }
+    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{}\"}}", backend.addr);
+    eventually(Duration::from_secs(5), || async {
+        let n = metric(&metrics(&env).await, &in_flight).unwrap_or(-1.0);
+        if n == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} still in flight"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_users_oversized_header_gets_431_while_another_users_watch_keeps_streaming() {
+    let backend = H2Backend::start("picky", 100).await;
+    let env = proxy_for(&[backend.addr], |_| {}).await;
+    let watcher = env.client().client_cert(&env.pki.admin).http2_only().build();
+    let mut watch = watcher.get_streaming(&url(&env, "things?watch=true")).await.unwrap();
+    assert!(watch.next_chunk().await.unwrap().is_some());
+    let big = "x".repeat(100 * 1024);
+    let other = env.client().bearer(common::standalone::TOKEN).http1_only().build();
+    let r = other
+        .request(http::Method::GET, &url(&env, "things/big"), &[("x-big", big.as_str())], bytes::Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.starts_with("APIService \"v1.b.example.com\": the request headers are "), "{message}");
+    // The watch on the shared connection never noticed.
+    for _ in 0..5 {
+        assert!(watch.next_chunk().await.unwrap().is_some(), "the watch keeps streaming");
+    }
+    assert_eq!(other.get(&url(&env, "things/small")).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn past_max_pending_requests_new_ones_fail_fast_with_503() {
+    let backend = H2Backend::start("narrow", 1).await;
+    let env = proxy_for(&[backend.addr], |s| {
+        s.backend_max_connections_per_endpoint = Some(1);
+        s.backend_max_pending_requests = Some(2);
+        s.request_timeout = Some("3s".into());
+    })
+    .await;
+    let client: TestClient = env.admin();
+    // One connection of one stream, held by a hung request; two more may wait.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, direct) = (client.clone(), url(&env, "hang"));
+            tokio::spawn(async move { client.get(&direct).await.map(|r| r.status) })
+        })
+        .collect();
+    let refused = eventually(Duration::from_secs(3), || async {
+        let r = client.get(&url(&env, "things/x")).await.map_err(|e| e.to_string())?;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            Ok(r)
+        } else {
+            Err(format!("{}", r.status))
+        }
+    })
+    .await;
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        refused.json()["message"].as_str().unwrap().contains("requests are already waiting for a connection"),
+        "{}",
+        refused.text()
+    );
+    for h in held {
+        let _ = h.await;
+    }
+    let text = metrics(&env).await;
+    assert!(
+        metric(&text, &format!("aggregator_backend_queue_rejections_total{{endpoint=\"{}\"}}", backend.addr))
+            .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+}
