@@ -29,6 +29,7 @@ fn table() -> RoutingTable {
                     group_priority_minimum: 1000 + (g % 97) as i32,
                     version_priority: 20 - i as i32,
                     service: Some(service.clone()),
+                    policy: Default::default(),
                 })
             })
         })

@@ -35,6 +35,7 @@ fn apiservices(n: usize) -> Vec<Arc<ApiService>> {
                 group_priority_minimum: 1000 + (i % 97) as i32,
                 version_priority: 15 + (i % 2) as i32,
                 service: Some(service.clone()),
+                policy: Default::default(),
             })
         })
         .collect()

@@ -325,6 +325,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         endpoints: endpoints::router(endpoint_state),
         authorizer,
         limits: crate::server::limits::RequestLimits::new(config.request_limits.clone()),
+        flow: crate::server::flow::FlowControl::new(config.flow),
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;

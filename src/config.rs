@@ -19,6 +19,7 @@ use crate::auth::requestheader::RequestHeaderConfig;
 use crate::auth::token::TokenFile;
 use crate::auth::x509::ChainVerifier;
 use crate::backend::BackendSettings;
+use crate::server::flow::FlowDefaults;
 use crate::server::limits::RequestLimitSettings;
 use crate::server::FrontendSettings;
 use crate::source::file::ManifestLimits;
@@ -210,6 +211,20 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_max_header_list_size: Option<usize>,
+    /// Requests in flight at once to each APIService without its own
+    /// `kube-aggregation-proxy.io/max-requests-inflight` annotation; 0 for no limit [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiservice_max_requests_inflight: Option<u32>,
+    /// Requests a second to each APIService without its own
+    /// `kube-aggregation-proxy.io/requests-per-second` annotation; 0 for no limit [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiservice_requests_per_second: Option<u32>,
+    /// The token bucket's burst for `apiservice-requests-per-second` [default: the rate].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiservice_burst: Option<u32>,
     /// Largest manifest file read, in bytes; larger ones are rejected [default: 1048576].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -269,6 +284,8 @@ pub struct Config {
     pub token_review_cache_ttl: Duration,
     pub frontend: FrontendSettings,
     pub request_limits: RequestLimitSettings,
+    /// `--apiservice-*`: flow control for APIServices without annotations of their own.
+    pub flow: FlowDefaults,
 }
 
 impl std::fmt::Debug for Config {
@@ -543,6 +560,11 @@ impl Settings {
             token_review_cache_ttl,
             frontend,
             request_limits,
+            flow: FlowDefaults {
+                max_requests_inflight: self.apiservice_max_requests_inflight.unwrap_or(0),
+                requests_per_second: self.apiservice_requests_per_second.unwrap_or(0),
+                burst: self.apiservice_burst.unwrap_or(0),
+            },
         })
     }
 }

@@ -116,6 +116,7 @@ pub struct Metrics {
     backend_queue_wait: Histogram,
     backend_retries: Counter,
     backend_header_rejections: Counter,
+    flow_rejections: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -271,6 +272,12 @@ impl Metrics {
             "Requests answered 431 because their headers exceed what the backend accepts",
             backend_header_rejections.clone(),
         );
+        let flow_rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "aggregator_apiservice_flow_rejections",
+            "Requests answered 429 by an APIService's own flow control, by reason (in-flight, rate)",
+            flow_rejections.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -297,7 +304,12 @@ impl Metrics {
             backend_queue_wait,
             backend_retries,
             backend_header_rejections,
+            flow_rejections,
         }
+    }
+
+    pub fn flow_rejected(&self, reason: &'static str) {
+        self.flow_rejections.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     fn endpoint(endpoint: &Arc<str>) -> EndpointLabels {

@@ -125,6 +125,9 @@ pub enum RequestError {
     /// The request outlived `--request-timeout` (or its own `?timeout=`); kube's words.
     #[error("Timeout: request did not complete within the allotted timeout")]
     Timeout,
+    /// The APIService's own flow control (annotations or `--apiservice-*`) said no.
+    #[error("APIService {apiservice:?}: {refusal}")]
+    ApiServiceTooManyRequests { apiservice: String, refusal: crate::server::flow::FlowRefusal },
     /// `--max-requests-inflight` / `--max-mutating-requests-inflight` were full.
     #[error("Too many requests, please try again later.")]
     TooManyRequests,
@@ -153,7 +156,7 @@ impl RequestError {
             },
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests | Self::ApiServiceTooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::IdentityNotRepresentable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -188,6 +191,12 @@ impl RequestError {
             // kube answers these in plain text; the Status keeps its code, words and Retry-After.
             Self::TooManyRequests => Status::failure(code, "TooManyRequests", self.to_string())
                 .with_details(StatusDetails { retry_after_seconds: Some(1), ..Default::default() }),
+            Self::ApiServiceTooManyRequests { refusal, .. } => {
+                Status::failure(code, "TooManyRequests", self.to_string()).with_details(StatusDetails {
+                    retry_after_seconds: Some(refusal.retry_after_seconds()),
+                    ..Default::default()
+                })
+            }
             Self::IdentityNotRepresentable(_) => {
                 Status::failure(code, "InternalError", format!("Internal error occurred: {self}"))
             }

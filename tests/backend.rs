@@ -18,27 +18,46 @@ use kube_aggregation_proxy::config::Settings;
 const GROUP: &str = "b.example.com";
 
 fn manifest() -> String {
+    manifest_for(GROUP, "")
+}
+
+/// `v1.<group>` on service `kube-system/b`, with `annotations` (a YAML flow mapping's insides).
+fn manifest_for(group: &str, annotations: &str) -> String {
     format!(
-        "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: v1.{GROUP}}}\n\
-         spec: {{group: {GROUP}, version: v1, groupPriorityMinimum: 100, versionPriority: 10, insecureSkipTLSVerify: true,\n\
+        "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: v1.{group}, annotations: {{{annotations}}}}}\n\
+         spec: {{group: {group}, version: v1, groupPriorityMinimum: 100, versionPriority: 10, insecureSkipTLSVerify: true,\n\
          service: {{namespace: kube-system, name: b, port: 443}}}}\n"
     )
 }
 
 /// The standalone proxy with APIService `v1.b.example.com` on `endpoints`.
 async fn proxy_for(endpoints: &[SocketAddr], adjust: impl FnOnce(&mut Settings)) -> Standalone {
+    proxy_with(endpoints, &[("b.yaml", manifest())], &[GROUP], adjust).await
+}
+
+/// The standalone proxy with service `kube-system/b` on `endpoints` and `manifests` loaded,
+/// once every one of `groups` is routed.
+async fn proxy_with(
+    endpoints: &[SocketAddr],
+    manifests: &[(&str, String)],
+    groups: &[&str],
+    adjust: impl FnOnce(&mut Settings),
+) -> Standalone {
     let list: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
     let env = Standalone::start_with(|s| {
         s.services.push(format!("kube-system/b:443={}", list.join(",")));
         adjust(s);
     })
     .await;
-    env.write_manifest("b.yaml", &manifest());
+    for (file, yaml) in manifests {
+        env.write_manifest(file, yaml);
+    }
     let admin = env.admin();
     eventually(Duration::from_secs(10), || async {
         let debug = admin.get(&env.url("/debug/apiservices")).await.map_err(|e| e.to_string())?.json();
-        let listed = debug["apiservices"].as_array().is_some_and(|a| a.iter().any(|x| x["group"] == GROUP));
-        if listed {
+        let routed =
+            |group: &&str| debug["apiservices"].as_array().is_some_and(|a| a.iter().any(|x| x["group"] == *group));
+        if groups.iter().all(routed) {
             Ok(())
         } else {
             Err("not routed yet".to_owned())
@@ -323,4 +342,113 @@ async fn past_max_pending_requests_new_ones_fail_fast_with_503() {
             .is_some_and(|n| n >= 1.0),
         "{text}"
     );
+}
+
+/// The proxy with `v1.b.example.com` annotated with `annotations` and `v1.c.example.com` not,
+/// both on one backend.
+async fn annotated(backend: &H2Backend, annotations: &str, adjust: impl FnOnce(&mut Settings)) -> Standalone {
+    let manifests = [("b.yaml", manifest_for(GROUP, annotations)), ("c.yaml", manifest_for("c.example.com", ""))];
+    proxy_with(&[backend.addr], &manifests, &[GROUP, "c.example.com"], adjust).await
+}
+
+#[tokio::test]
+async fn an_apiservices_flow_control_answers_429_past_its_limits_and_spares_the_others() {
+    let backend = H2Backend::start("fragile", 100).await;
+    let env = annotated(
+        &backend,
+        "kube-aggregation-proxy.io/max-requests-inflight: '2', kube-aggregation-proxy.io/requests-per-second: '50'",
+        |_| {},
+    )
+    .await;
+    let client = env.admin();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, hang) = (client.clone(), url(&env, "hang"));
+            tokio::spawn(async move { client.get(&hang).await.map(|r| r.status) })
+        })
+        .collect();
+    // Both hung requests hold their places before the next one comes.
+    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{}\"}}", backend.addr);
+    eventually(Duration::from_secs(10), || async {
+        let n = metric(&metrics(&env).await, &in_flight).unwrap_or(0.0);
+        if n == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} in flight"))
+        }
+    })
+    .await;
+    let refused = client.get(&url(&env, "things/x")).await.unwrap();
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let status = refused.json();
+    assert_eq!(status["reason"], "TooManyRequests");
+    assert_eq!(
+        status["message"],
+        "APIService \"v1.b.example.com\": too many requests in flight (at most 2), please try again later"
+    );
+    assert_eq!(
+        client.get(&env.url("/apis/c.example.com/v1/things/x")).await.unwrap().status,
+        200,
+        "other APIServices are unaffected"
+    );
+    for h in held {
+        h.abort();
+    }
+    eventually(Duration::from_secs(10), || async {
+        let r = client.get(&url(&env, "things/x")).await.map_err(|e| e.to_string())?;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{}", r.status))
+        }
+    })
+    .await;
+    // The rate: 50 a second with a burst of 50; 200 at once meet it.
+    let burst: Vec<_> = (0..200)
+        .map(|i| {
+            let (client, u) = (client.clone(), url(&env, &format!("things/{i}")));
+            tokio::spawn(async move { client.get(&u).await.map(|r| r.status) })
+        })
+        .collect();
+    let mut limited = 0;
+    for b in burst {
+        if b.await.unwrap().unwrap() == StatusCode::TOO_MANY_REQUESTS {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "the token bucket refused some of 200 requests at once");
+    let text = metrics(&env).await;
+    assert!(
+        metric(&text, "aggregator_apiservice_flow_rejections_total{reason=\"in-flight\"}").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_annotated_long_running_subresource_outlives_the_request_timeout() {
+    let backend = H2Backend::start("streamy", 100).await;
+    let env = annotated(&backend, "kube-aggregation-proxy.io/long-running-subresources: 'stream, tail'", |s| {
+        s.request_timeout = Some("1s".into())
+    })
+    .await;
+    let client = env.admin();
+    let count_chunks = |u: String| {
+        let client = client.clone();
+        async move {
+            let mut stream = client.get_streaming(&u).await.map_err(|e| e.to_string())?;
+            let mut chunks = 0;
+            while chunks < 25 {
+                match stream.next_chunk().await {
+                    Ok(Some(_)) => chunks += 1,
+                    _ => break,
+                }
+            }
+            Ok::<_, String>(chunks)
+        }
+    };
+    let long = count_chunks(url(&env, "namespaces/default/things/x/stream")).await.unwrap();
+    assert_eq!(long, 25, "the annotated subresource streams past the 1 s deadline");
+    let cut = count_chunks(env.url("/apis/c.example.com/v1/namespaces/default/things/x/stream")).await.unwrap();
+    assert!(cut < 15, "without the annotation the stream ends at the 1 s deadline: {cut} chunks");
 }

@@ -29,6 +29,36 @@ pub struct ApiService {
     pub version_priority: i32,
     /// `None` for a local APIService, served by the delegate.
     pub service: Option<ServiceReference>,
+    /// From the proxy's own annotations; empty unless asked for.
+    pub policy: TrafficPolicy,
+}
+
+pub const ANNOTATION_MAX_REQUESTS_INFLIGHT: &str = "kube-aggregation-proxy.io/max-requests-inflight";
+pub const ANNOTATION_REQUESTS_PER_SECOND: &str = "kube-aggregation-proxy.io/requests-per-second";
+pub const ANNOTATION_BURST: &str = "kube-aggregation-proxy.io/burst";
+pub const ANNOTATION_LONG_RUNNING_SUBRESOURCES: &str = "kube-aggregation-proxy.io/long-running-subresources";
+
+/// How the proxy treats one APIService's traffic, set by annotations on the APIService (this
+/// proxy's own; kube-aggregator has no such thing): flow control that protects a fragile
+/// extension server from one noisy client, and subresources that stream like `log` does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// Requests in flight at once (long-running ones not counted).
+    pub max_requests_inflight: Option<u32>,
+    /// A token bucket: this many requests a second on average, `burst` at once.
+    pub requests_per_second: Option<u32>,
+    pub burst: Option<u32>,
+    /// Subresources to treat as long-running besides kube's (attach, exec, log, portforward,
+    /// proxy): no deadline, never retried, not counted by the in-flight limits.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub long_running_subresources: Vec<String>,
+}
+
+impl TrafficPolicy {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Where a remote APIService lives and how to trust it.
@@ -123,6 +153,7 @@ pub(crate) mod testing {
                 ca_bundle: Arc::from(&b""[..]),
                 insecure_skip_tls_verify: true,
             }),
+            policy: TrafficPolicy::default(),
         }
     }
 }

@@ -4,7 +4,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{ApiService, ApiServiceObject, ServiceReference, DEFAULT_SERVICE_PORT};
+use super::{
+    ApiService, ApiServiceObject, ServiceReference, TrafficPolicy, ANNOTATION_BURST,
+    ANNOTATION_LONG_RUNNING_SUBRESOURCES, ANNOTATION_MAX_REQUESTS_INFLIGHT, ANNOTATION_REQUESTS_PER_SECOND,
+    DEFAULT_SERVICE_PORT,
+};
 
 /// One problem with one field, worded as kube-apiserver words it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +82,37 @@ fn dns1035_label_errors(value: &str) -> Vec<String> {
         );
     }
     errors
+}
+
+/// The proxy's annotations on an APIService; a value that does not parse is an error of that
+/// annotation, as kube reports `metadata.annotations` problems.
+fn traffic_policy(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    error: &mut impl FnMut(&'static str, String),
+) -> TrafficPolicy {
+    let mut policy = TrafficPolicy::default();
+    let Some(annotations) = annotations else { return policy };
+    let mut count = |key: &'static str| -> Option<u32> {
+        let value = annotations.get(key)?;
+        match value.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                error(key, format!("Invalid value: {value:?}: must be a whole number greater than zero"));
+                None
+            }
+        }
+    };
+    policy.max_requests_inflight = count(ANNOTATION_MAX_REQUESTS_INFLIGHT);
+    policy.requests_per_second = count(ANNOTATION_REQUESTS_PER_SECOND);
+    policy.burst = count(ANNOTATION_BURST);
+    if policy.burst.is_some() && policy.requests_per_second.is_none() {
+        error(ANNOTATION_BURST, format!("Forbidden: needs {ANNOTATION_REQUESTS_PER_SECOND}"));
+    }
+    if let Some(list) = annotations.get(ANNOTATION_LONG_RUNNING_SUBRESOURCES) {
+        policy.long_running_subresources =
+            list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    }
+    policy
 }
 
 /// Validates and defaults an APIService object into the proxy's model.
@@ -182,6 +217,7 @@ pub fn validate(object: &ApiServiceObject) -> Result<ApiService, ValidationError
             })
         }
     };
+    let policy = traffic_policy(object.metadata.annotations.as_ref(), &mut error);
     if !errors.is_empty() {
         return Err(ValidationError { name, errors });
     }
@@ -192,6 +228,7 @@ pub fn validate(object: &ApiServiceObject) -> Result<ApiService, ValidationError
         group_priority_minimum: gpm,
         version_priority: vp,
         service,
+        policy,
     })
 }
 
@@ -216,6 +253,34 @@ spec:
   service: {name: metrics-server, namespace: kube-system}
   insecureSkipTLSVerify: true
 "#;
+
+    #[test]
+    fn the_proxys_annotations_set_the_traffic_policy_and_bad_values_name_the_annotation() {
+        let annotated = METRICS.replace(
+            "metadata: {name: v1beta1.metrics.k8s.io}",
+            "metadata:\n  name: v1beta1.metrics.k8s.io\n  annotations:\n    \
+             kube-aggregation-proxy.io/max-requests-inflight: '10'\n    \
+             kube-aggregation-proxy.io/requests-per-second: '5'\n    \
+             kube-aggregation-proxy.io/long-running-subresources: 'tail, stream'",
+        );
+        let policy = validate(&object(&annotated)).unwrap().policy;
+        assert_eq!(policy.max_requests_inflight, Some(10));
+        assert_eq!((policy.requests_per_second, policy.burst), (Some(5), None));
+        assert_eq!(policy.long_running_subresources, ["tail", "stream"]);
+        let bad = METRICS.replace(
+            "metadata: {name: v1beta1.metrics.k8s.io}",
+            "metadata:\n  name: v1beta1.metrics.k8s.io\n  annotations:\n    \
+             kube-aggregation-proxy.io/max-requests-inflight: 'lots'\n    kube-aggregation-proxy.io/burst: '3'",
+        );
+        let err = validate(&object(&bad)).unwrap_err().to_string();
+        assert!(err.contains("kube-aggregation-proxy.io/max-requests-inflight: Invalid value: \"lots\""), "{err}");
+        assert!(
+            err.contains(
+                "kube-aggregation-proxy.io/burst: Forbidden: needs kube-aggregation-proxy.io/requests-per-second"
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn remote_apiservice_is_defaulted_to_port_443() {

@@ -287,17 +287,17 @@ async fn drive<C: GracefulConnection>(
 pub struct GuardedBody {
     inner: Body,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    _guards: (ActivityGuard, Option<tokio::sync::OwnedSemaphorePermit>),
+    _guards: (ActivityGuard, [Option<tokio::sync::OwnedSemaphorePermit>; 2]),
 }
 
 impl GuardedBody {
     pub fn new(
         inner: Body,
         activity: ActivityGuard,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
         deadline: Option<tokio::time::Instant>,
     ) -> Self {
-        Self { inner, deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))), _guards: (activity, permit) }
+        Self { inner, deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))), _guards: (activity, permits) }
     }
 }
 

@@ -143,6 +143,9 @@ struct ApiServiceView {
     reason: String,
     /// The `Available` condition from this proxy's own probes.
     available: Option<crate::availability::Condition>,
+    /// Flow control and long-running subresources from the APIService's annotations.
+    #[serde(skip_serializing_if = "crate::apiservice::TrafficPolicy::is_empty")]
+    policy: crate::apiservice::TrafficPolicy,
 }
 
 /// Every APIService the table holds and every object a source rejected, with the reason:
@@ -171,6 +174,7 @@ async fn debug_apiservices(State(state): State<EndpointState>) -> Response {
                 served,
                 reason,
                 available: state.availability.condition(&a.name),
+                policy: a.policy.clone(),
             });
         }
     }

@@ -90,11 +90,17 @@ impl RequestLimits {
         }
     }
 
-    /// Classifies a request; a `?timeout=` that does not parse is kube's 400.
-    pub fn classify<B>(&self, request: &Request<B>) -> Result<RequestClass, RequestError> {
+    /// Classifies a request; a `?timeout=` that does not parse is kube's 400. `also_long_running`
+    /// adds to kube's check (an APIService's own long-running subresources).
+    pub fn classify<B>(
+        &self,
+        request: &Request<B>,
+        also_long_running: impl FnOnce(&RequestInfo<'_>) -> bool,
+    ) -> Result<RequestClass, RequestError> {
         let uri = request.uri();
         let info = RequestInfo::parse(request.method(), uri.path(), uri.query());
-        let long_running = info.is_long_running() || crate::proxy::is_upgrade(request.headers());
+        let long_running =
+            info.is_long_running() || crate::proxy::is_upgrade(request.headers()) || also_long_running(&info);
         let timeout = if long_running { None } else { Some(self.timeout(uri.query())?) };
         Ok(RequestClass { long_running, mutating: info.is_mutating(), timeout })
     }
@@ -192,7 +198,7 @@ mod tests {
 
     fn class(limits: &RequestLimits, method: &str, url: &str) -> Result<RequestClass, RequestError> {
         let request = Request::builder().method(method).uri(url).body(()).unwrap();
-        limits.classify(&request)
+        limits.classify(&request, |_| false)
     }
 
     #[test]

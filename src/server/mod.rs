@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod endpoints;
+pub mod flow;
 pub mod limits;
 pub mod listener;
 pub mod pipeline;

@@ -26,7 +26,9 @@ use tower::ServiceExt;
 
 use super::connection::{ActivityGuard, GuardedBody};
 use super::endpoints;
+use super::flow::FlowControl;
 use super::limits::{RequestClass, RequestLimits};
+use super::request_info::RequestInfo;
 use super::ConnectionInfo;
 use crate::auth::authorization::SubjectAccessReviewer;
 use crate::auth::identity::IdentityHeaderNames;
@@ -60,6 +62,17 @@ pub struct Gateway {
     pub authorizer: Option<Arc<SubjectAccessReviewer>>,
     /// The request deadline and the in-flight limits.
     pub limits: RequestLimits,
+    /// Per-APIService in-flight limits and token buckets (opt-in).
+    pub flow: FlowControl,
+}
+
+/// What every step of one request reads: where it came from, the table it is routed by, its
+/// deadline, and the Audit-ID the backend sees.
+struct RequestContext<'a> {
+    conn: &'a ConnectionInfo,
+    table: &'a RoutingTable,
+    send: SendOptions,
+    audit_id: &'a HeaderValue,
 }
 
 /// What the steps of one request leave for its accounting and its response body.
@@ -67,6 +80,8 @@ struct Outcome {
     /// The APIService that served it, or the own/delegate label.
     label: Arc<str>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The APIService's own flow-control place, when it has limits.
+    apiservice_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Where the pipeline decided to send a request.
@@ -113,18 +128,21 @@ impl Gateway {
         let started = Instant::now();
         let method = request.method().clone();
         let audit_id = audit_id(&request);
-        let mut outcome = Outcome { label: OWN_METRICS_LABEL.clone(), permit: None };
+        let mut outcome = Outcome { label: OWN_METRICS_LABEL.clone(), permit: None, apiservice_permit: None };
+        // One table for the whole request.
+        let table = self.table.load_full();
         let mut deadline = None;
 
         let mut response = if endpoints::is_probe(request.uri().path()) {
             self.own(request).await
         } else {
-            match self.limits.classify(&request) {
+            match self.limits.classify(&request, |info| long_running_by_annotation(&table, info)) {
                 Err(e) => e.into_response(),
                 Ok(class) => {
                     let until = class.timeout.map(|t| tokio::time::Instant::from_std(started) + t);
                     let send = SendOptions { deadline: until, long_running: class.long_running };
-                    let work = self.admitted(conn, &class, send, &audit_id, &mut outcome, request);
+                    let ctx = RequestContext { conn, table: &table, send, audit_id: &audit_id };
+                    let work = self.admitted(ctx, &class, &mut outcome, request);
                     match until {
                         None => work.await,
                         Some(until) => {
@@ -150,21 +168,19 @@ impl Gateway {
         let code = response.status().as_u16();
         self.metrics.request(&outcome.label, &method, code, started.elapsed());
         tracing::debug!(%method, apiservice = %outcome.label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
-        response.map(|body| GuardedBody::new(body, activity, outcome.permit, deadline))
+        response.map(|body| GuardedBody::new(body, activity, [outcome.permit, outcome.apiservice_permit], deadline))
     }
 
     /// Authentication, the in-flight limits, then routing and forwarding: the part of a
     /// request that runs under its deadline.
     async fn admitted(
         &self,
-        conn: &ConnectionInfo,
+        ctx: RequestContext<'_>,
         class: &RequestClass,
-        send: SendOptions,
-        audit_id: &HeaderValue,
         outcome: &mut Outcome,
         mut request: Request<Incoming>,
     ) -> Response<Body> {
-        let user = match self.authenticated(conn, &mut request).await {
+        let user = match self.authenticated(ctx.conn, &mut request).await {
             Ok(user) => user,
             Err(e) => return e.into_response(),
         };
@@ -175,7 +191,7 @@ impl Gateway {
                 return RequestError::TooManyRequests.into_response();
             }
         }
-        let (label, response) = self.route_and_forward(conn, &user, send, audit_id, request).await;
+        let (label, response) = self.route_and_forward(&ctx, &user, &mut outcome.apiservice_permit, request).await;
         outcome.label = label;
         response
     }
@@ -197,17 +213,16 @@ impl Gateway {
 
     async fn route_and_forward(
         &self,
-        conn: &ConnectionInfo,
+        ctx: &RequestContext<'_>,
         user: &UserInfo,
-        send: SendOptions,
-        audit_id: &HeaderValue,
+        flow_permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
         request: Request<Incoming>,
     ) -> (Arc<str>, Response<Body>) {
+        let send = ctx.send;
         if !*self.ready.borrow() {
             return (OWN_METRICS_LABEL.clone(), RequestError::NotReady.into_response());
         }
-        let table = self.table.load_full();
-        let decision = match decide(&table, request.uri().path(), self.delegate.is_some()) {
+        let decision = match decide(ctx.table, request.uri().path(), self.delegate.is_some()) {
             // The merged OpenAPI v2 is JSON only; a client that wants protobuf (kubectl's
             // validation does) gets kube-apiserver's, which its own aggregator merged.
             Ok(Decision::Own)
@@ -220,7 +235,7 @@ impl Gateway {
             Ok(d) => d,
             Err(e) => return (OWN_METRICS_LABEL.clone(), e.into_response()),
         };
-        let caller = Caller { user, remote_addr: conn.remote_addr, audit_id };
+        let caller = Caller { user, remote_addr: ctx.conn.remote_addr, audit_id: ctx.audit_id };
         match decision {
             Decision::Own => match self.authorize_own(user, &request).await {
                 Ok(()) => (OWN_METRICS_LABEL.clone(), self.own(request).await),
@@ -241,7 +256,7 @@ impl Gateway {
                 (label, response.unwrap_or_else(RequestError::into_response))
             }
             Decision::Remote { route, discovery } => {
-                let response = self.forward_remote(&route, discovery, send, caller, request).await;
+                let response = self.forward_remote(&route, discovery, send, caller, flow_permit, request).await;
                 (route.apiservice.name.clone(), response.unwrap_or_else(RequestError::into_response))
             }
         }
@@ -253,9 +268,15 @@ impl Gateway {
         discovery: bool,
         send: SendOptions,
         caller: Caller<'_>,
+        flow_permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
         request: Request<Incoming>,
     ) -> Result<Response<Body>, RequestError> {
         let apiservice = &*route.apiservice.name;
+        // The APIService's own limits, before anything is sent its way.
+        *flow_permit = self.flow.admit(&route.apiservice, send.long_running).map_err(|refusal| {
+            self.metrics.flow_rejected(refusal.label());
+            RequestError::ApiServiceTooManyRequests { apiservice: apiservice.to_owned(), refusal }
+        })?;
         let Upstream::Remote(remote) = &route.upstream else {
             return Err(RequestError::NoDelegate { apiservice: apiservice.to_owned() });
         };
@@ -333,6 +354,16 @@ fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decisi
             _ => otherwise(format!("no handler for path {path:?}")),
         },
     }
+}
+
+/// Whether the request is for a subresource its APIService's annotations call long-running.
+fn long_running_by_annotation(table: &RoutingTable, info: &RequestInfo<'_>) -> bool {
+    if !info.is_resource_request || info.subresource.is_empty() {
+        return false;
+    }
+    table
+        .route(info.api_group, info.api_version)
+        .is_some_and(|r| r.apiservice.policy.long_running_subresources.iter().any(|s| s == info.subresource))
 }
 
 /// Whether `path` is `/openapi/v3/apis/<group>/<version>` of a remote APIService.

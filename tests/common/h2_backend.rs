@@ -3,7 +3,8 @@
 //! freeze (stop moving bytes) like a SIGSTOPped process. Self-signed: APIServices pointing at
 //! it use `insecureSkipTLSVerify`.
 //!
-//! Paths: `...?watch=true` streams a line every 100 ms (600 at most) until the client goes;
+//! Paths: `...?watch=true` and `.../stream` stream a line every 100 ms (600 at most) until
+//! the client goes;
 //! `/hang` never answers (for 120 s at most); anything else answers 200 at once with the
 //! backend's name.
 
@@ -56,7 +57,7 @@ async fn answer(name: &'static str, fail: bool, request: Request<Incoming>) -> R
     if request.uri().path().ends_with("/hang") {
         tokio::time::sleep(Duration::from_secs(120)).await;
     }
-    if query.contains("watch=true") {
+    if query.contains("watch=true") || request.uri().path().ends_with("/stream") {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         tokio::spawn(async move {
             for i in 0..600 {
