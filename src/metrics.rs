@@ -316,19 +316,18 @@ impl Metrics {
         EndpointLabels { endpoint: endpoint.clone() }
     }
 
-    pub fn backend_connection_opened(&self, endpoint: &Arc<str>) {
-        self.backend_connections.get_or_create(&Self::endpoint(endpoint)).inc();
+    /// An endpoint's in-flight and open-connection gauges, for it to keep: updating them is
+    /// then an atomic add, with no label lookup per request.
+    pub fn backend_endpoint_gauges(&self, endpoint: &Arc<str>) -> (Gauge, Gauge) {
+        let labels = Self::endpoint(endpoint);
+        let in_flight = self.backend_in_flight.get_or_create(&labels).clone();
+        let connections = self.backend_connections.get_or_create(&labels).clone();
+        (in_flight, connections)
     }
 
     pub fn backend_connection_closed(&self, endpoint: &Arc<str>, reason: &'static str) {
-        self.backend_connections.get_or_create(&Self::endpoint(endpoint)).dec();
-        self.backend_connections_closed
-            .get_or_create(&EndpointReasonLabels { endpoint: endpoint.clone(), reason })
-            .inc();
-    }
-
-    pub fn backend_in_flight(&self, endpoint: &Arc<str>, delta: i64) {
-        self.backend_in_flight.get_or_create(&Self::endpoint(endpoint)).inc_by(delta);
+        let labels = EndpointReasonLabels { endpoint: endpoint.clone(), reason };
+        self.backend_connections_closed.get_or_create(&labels).inc();
     }
 
     pub fn backend_ejected(&self, endpoint: &Arc<str>) {

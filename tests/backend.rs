@@ -80,6 +80,20 @@ async fn metrics(env: &Standalone) -> String {
     env.admin().get(&env.url("/metrics")).await.unwrap().text()
 }
 
+/// Waits until `want` requests are in flight to the endpoint at `addr`.
+async fn eventually_in_flight(env: &Standalone, addr: SocketAddr, want: f64, deadline: Duration) {
+    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{addr}\"}}");
+    eventually(deadline, || async {
+        let n = metric(&metrics(env).await, &in_flight).unwrap_or(-1.0);
+        if n == want {
+            Ok(())
+        } else {
+            Err(format!("{n} in flight, not {want}"))
+        }
+    })
+    .await;
+}
+
 /// The value of a metric line starting with `prefix`.
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
@@ -128,16 +142,7 @@ async fn a_thousand_watches_past_the_backends_stream_limit_never_starve_short_re
     for watch in watches {
         watch.abort();
     }
-    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{}\"}}", backend.addr);
-    eventually(Duration::from_secs(10), || async {
-        let n = metric(&metrics(&env).await, &in_flight).unwrap_or(-1.0);
-        if n == 0.0 {
-            Ok(())
-        } else {
-            Err(format!("{n} still in flight"))
-        }
-    })
-    .await;
+    eventually_in_flight(&env, backend.addr, 0.0, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
@@ -266,16 +271,7 @@ async fn a_backend_that_never_answers_gets_504_at_the_deadline_and_holds_no_queu
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(body["reason"], "Timeout");
     }
-    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{}\"}}", backend.addr);
-    eventually(Duration::from_secs(5), || async {
-        let n = metric(&metrics(&env).await, &in_flight).unwrap_or(-1.0);
-        if n == 0.0 {
-            Ok(())
-        } else {
-            Err(format!("{n} still in flight"))
-        }
-    })
-    .await;
+    eventually_in_flight(&env, backend.addr, 0.0, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -368,16 +364,7 @@ async fn an_apiservices_flow_control_answers_429_past_its_limits_and_spares_the_
         })
         .collect();
     // Both hung requests hold their places before the next one comes.
-    let in_flight = format!("aggregator_backend_requests_in_flight{{endpoint=\"{}\"}}", backend.addr);
-    eventually(Duration::from_secs(10), || async {
-        let n = metric(&metrics(&env).await, &in_flight).unwrap_or(0.0);
-        if n == 2.0 {
-            Ok(())
-        } else {
-            Err(format!("{n} in flight"))
-        }
-    })
-    .await;
+    eventually_in_flight(&env, backend.addr, 2.0, Duration::from_secs(10)).await;
     let refused = client.get(&url(&env, "things/x")).await.unwrap();
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text());
     assert_eq!(refused.header("retry-after"), Some("1"));
@@ -451,4 +438,52 @@ async fn an_annotated_long_running_subresource_outlives_the_request_timeout() {
     assert_eq!(long, 25, "the annotated subresource streams past the 1 s deadline");
     let cut = count_chunks(env.url("/apis/c.example.com/v1/namespaces/default/things/x/stream")).await.unwrap();
     assert!(cut < 15, "without the annotation the stream ends at the 1 s deadline: {cut} chunks");
+}
+
+#[tokio::test]
+async fn an_availability_round_asks_each_endpoint_once_over_shared_connections() {
+    let backend = H2Backend::start("many", 100).await;
+    let groups: Vec<String> = (0..500).map(|i| format!("g{i}.example.com")).collect();
+    let list: Vec<String> = groups
+        .iter()
+        .map(|g| format!("{{\"name\":\"{g}\",\"versions\":[{{\"groupVersion\":\"{g}/v1\",\"version\":\"v1\"}}]}}"))
+        .collect();
+    *backend.apis.lock().unwrap() =
+        Some(format!("{{\"kind\":\"APIGroupList\",\"apiVersion\":\"v1\",\"groups\":[{}]}}", list.join(",")));
+    let manifests: String = groups.iter().map(|g| format!("---\n{}", manifest_for(g, ""))).collect();
+    let env =
+        proxy_with(&[backend.addr], &[("many.yaml", manifests)], &["g0.example.com", "g499.example.com"], |_| {}).await;
+    let admin = env.admin();
+    eventually(Duration::from_secs(30), || async {
+        let debug = admin.get(&env.url("/debug/apiservices")).await.map_err(|e| e.to_string())?.json();
+        let available = debug["apiservices"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| {
+                        x["group"].as_str().is_some_and(|g| g.starts_with('g')) && x["available"]["status"] == "True"
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if available == 500 {
+            Ok(())
+        } else {
+            Err(format!("{available} of 500 available"))
+        }
+    })
+    .await;
+    // One /apis per endpoint per round (the discovery fetcher asks it once too, and fetches
+    // each group-version's document once), not a request, let alone a TLS connection, per
+    // APIService per round.
+    let connections = backend.connections.load(Ordering::SeqCst);
+    let paths = backend.paths.lock().unwrap().clone();
+    let mut by_path: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for p in &paths {
+        *by_path.entry(p.as_str()).or_default() += 1;
+    }
+    assert!(by_path.get("/apis").is_some_and(|n| *n <= 2), "{by_path:?}");
+    let repeated: Vec<_> = by_path.iter().filter(|(p, n)| **n > 1 && **p != "/apis").collect();
+    assert!(repeated.is_empty(), "asked more than once: {repeated:?}");
+    assert!(connections <= 3, "{connections} connections for 500 APIServices");
 }

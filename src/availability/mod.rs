@@ -1,13 +1,15 @@
 //! Availability: this proxy's own view of whether each remote APIService answers, as
 //! kube-aggregator's availability controller computes the `Available` condition.
 //!
-//! Every 30 s each APIService is probed ([`probe::check`]), and after a routing-table change
+//! Every 30 s each APIService is probed (through the backend layer, once per endpoint:
+//! [`round`]; [`probe::check`] step by step where the backend is not reachable), and after a routing-table change
 //! the new or changed ones, at most [`MAX_CONCURRENT_PROBES`] at a time; the result is kept as a condition (status, kube's reason, message, last
 //! transition), exported as `aggregator_unavailable_apiservice{name}` and shown on
 //! `/debug/apiservices`. A flip is logged once. Unlike kube-aggregator, availability does not
 //! gate routing: a request to an unavailable backend still gets the real, current error.
 
 pub mod probe;
+pub mod round;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -111,17 +113,21 @@ pub async fn check_selected(
         }
     }
     // Each probe's future is made when a slot frees up, not all up front: at 10,000
-    // APIServices, 10,000 pending futures held tens of MiB.
+    // APIServices, 10,000 pending futures held tens of MiB. Reachable backends are asked
+    // through the backend layer, once per endpoint ([`round`]); the rest get the step-by-step
+    // probe, which says what is missing (service, port, endpoints, TLS configuration).
+    let round = round::Round::default();
+    let round = &round;
     let probes = futures_util::stream::iter(selected).map(|route: Arc<Route>| async move {
-        let resolved = match &route.upstream {
-            Upstream::Local => Ok(Vec::new()),
-            Upstream::Remote(remote) => remote
-                .endpoints
-                .as_ref()
-                .map(|e| e.all().iter().map(|e| e.authority().clone()).collect())
-                .map_err(Clone::clone),
-        };
-        probe::check(&route.apiservice, resolved, settings).await
+        match &route.upstream {
+            Upstream::Remote(remote) => match (&remote.backend, &remote.endpoints) {
+                (Ok(_), Ok(endpoints)) => round.check(&route.apiservice, endpoints).await,
+                // A caBundle that does not parse and the like: no request can be made.
+                (Err(e), _) => Report::failed(&route.apiservice, Reason::FailedDiscoveryCheck, e.to_string()),
+                (Ok(_), Err(unresolved)) => probe::check(&route.apiservice, Err(unresolved.clone()), settings).await,
+            },
+            Upstream::Local => probe::check(&route.apiservice, Ok(Vec::new()), settings).await,
+        }
     });
     let mut reports = probes.buffer_unordered(MAX_CONCURRENT_PROBES);
     while let Some(report) = reports.next().await {

@@ -69,6 +69,23 @@ impl Report {
         }
     }
 
+    /// Available, after the request step that showed it.
+    pub(crate) fn passed(apiservice: &ApiService, detail: String) -> Self {
+        let mut report = Self::new(apiservice);
+        report.step("request", true, detail);
+        report.available = true;
+        report.reason = Reason::Passed;
+        report.message = "all checks passed".into();
+        report
+    }
+
+    /// Not available, for `reason`.
+    pub(crate) fn failed(apiservice: &ApiService, reason: Reason, message: String) -> Self {
+        let mut report = Self::new(apiservice);
+        report.step("request", false, message.clone());
+        report.fail(reason, message)
+    }
+
     fn step(&mut self, name: &'static str, ok: bool, detail: impl Into<String>) {
         self.steps.push(Step { name, ok, detail: detail.into() });
     }

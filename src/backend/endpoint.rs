@@ -14,7 +14,7 @@
 //! fail on their own, new requests go to another connection. TCP keep-alive and
 //! `TCP_USER_TIMEOUT` bound how long a dead HTTP/1.1 connection can go unnoticed.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,7 +44,8 @@ struct Connection {
     in_flight: AtomicUsize,
     peer: Arc<PeerSettings>,
     closed: Arc<AtomicBool>,
-    idle_since: Mutex<Instant>,
+    /// Milliseconds after the endpoint's epoch at which the last request ended.
+    idle_since_ms: AtomicU64,
 }
 
 enum Sender {
@@ -110,6 +111,10 @@ pub struct Endpoint {
     room: Arc<Notify>,
     /// Learnt from the first connection: the backend does not speak HTTP/2.
     http1: AtomicBool,
+    epoch: Instant,
+    /// This endpoint's series, resolved once rather than looked up per request.
+    in_flight_gauge: prometheus_client::metrics::gauge::Gauge,
+    connections_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -127,10 +132,11 @@ struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.connection.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.connection.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.connection.idle_since_ms.store(self.endpoint.now_ms(), Ordering::Relaxed);
         }
         self.endpoint.health.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.endpoint.shared.metrics.backend_in_flight(&self.endpoint.label, -1);
+        self.endpoint.in_flight_gauge.dec();
+        // Takes no lock unless a request is waiting; with none, it leaves a permit.
         self.endpoint.room.notify_one();
     }
 }
@@ -189,6 +195,7 @@ fn headers_size(headers: &HeaderMap) -> usize {
 impl Endpoint {
     pub(super) fn new(authority: Authority, shared: Arc<Shared>) -> Self {
         let label: Arc<str> = authority.as_str().into();
+        let (in_flight_gauge, connections_gauge) = shared.metrics.backend_endpoint_gauges(&label);
         Self {
             authority,
             label,
@@ -197,7 +204,14 @@ impl Endpoint {
             pool: Mutex::new(Pool { connections: Vec::new(), connecting: 0, pending: 0 }),
             room: Arc::new(Notify::new()),
             http1: AtomicBool::new(false),
+            epoch: Instant::now(),
+            in_flight_gauge,
+            connections_gauge,
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     pub fn authority(&self) -> &Authority {
@@ -333,10 +347,12 @@ impl Endpoint {
         let wait_until = opts.deadline.unwrap_or_else(|| tokio::time::Instant::now() + settings.connect_timeout);
         let queued_at = Instant::now();
         let mut queued = false;
+        let mut waited = false;
         loop {
+            // Made before the look, so a place freed after it wakes this request: a
+            // `notify_waiters` reaches every future made before it, a `notify_one` leaves a
+            // permit. Not registered (no lock) until it is awaited.
             let room = self.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
             let connect = {
                 let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
                 if queued {
@@ -360,16 +376,19 @@ impl Endpoint {
                 let may_connect = under_cap && (fresh || pool.connecting == 0 || self.http1.load(Ordering::Relaxed));
                 match best {
                     Some(connection) if !(fresh && under_cap) => {
+                        // Counted under the lock, so two requests cannot take one last place.
+                        connection.in_flight.fetch_add(1, Ordering::AcqRel);
                         drop(pool);
-                        return Ok(self.lease(connection, queued_at));
+                        return Ok(self.lease(connection, waited.then_some(queued_at)));
                     }
                     _ if may_connect => {
                         pool.connecting += 1;
                         true
                     }
                     Some(connection) => {
+                        connection.in_flight.fetch_add(1, Ordering::AcqRel);
                         drop(pool);
-                        return Ok(self.lease(connection, queued_at));
+                        return Ok(self.lease(connection, waited.then_some(queued_at)));
                     }
                     None if pool.pending >= settings.max_pending_per_endpoint => {
                         let pending = pool.pending;
@@ -390,12 +409,13 @@ impl Endpoint {
                 pool.connecting -= 1;
                 match made {
                     Ok(connection) => {
+                        connection.in_flight.fetch_add(1, Ordering::AcqRel);
                         pool.connections.push(connection.clone());
                         drop(pool);
-                        self.shared.metrics.backend_connection_opened(&self.label);
+                        self.connections_gauge.inc();
                         // An HTTP/2 connection has room for those waiting too.
                         self.room.notify_waiters();
-                        return Ok(self.lease(connection, queued_at));
+                        return Ok(self.lease(connection, waited.then_some(queued_at)));
                     }
                     Err(e) => {
                         drop(pool);
@@ -407,6 +427,7 @@ impl Endpoint {
                     }
                 }
             }
+            waited = true;
             if tokio::time::timeout_at(wait_until, room).await.is_err() {
                 let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
                 pool.pending -= 1;
@@ -415,11 +436,13 @@ impl Endpoint {
         }
     }
 
-    fn lease(self: &Arc<Self>, connection: Arc<Connection>, queued_at: Instant) -> Lease {
-        connection.in_flight.fetch_add(1, Ordering::AcqRel);
+    /// The lease of a place already counted on `connection`; `queued_at` when it waited.
+    fn lease(self: &Arc<Self>, connection: Arc<Connection>, queued_at: Option<Instant>) -> Lease {
         self.health.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.shared.metrics.backend_in_flight(&self.label, 1);
-        self.shared.metrics.backend_queue_waited(queued_at.elapsed());
+        self.in_flight_gauge.inc();
+        if let Some(queued_at) = queued_at {
+            self.shared.metrics.backend_queue_waited(queued_at.elapsed());
+        }
         Lease { connection, endpoint: self.clone() }
     }
 
@@ -434,7 +457,7 @@ impl Endpoint {
             if c.in_flight.load(Ordering::Acquire) > 0 {
                 return true;
             }
-            let idle_for = c.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+            let idle_for = Duration::from_millis(self.now_ms().saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)));
             if idle_for < idle_timeout || !kept_idle {
                 kept_idle = true;
                 return true;
@@ -505,7 +528,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             peer,
             closed,
-            idle_since: Mutex::new(Instant::now()),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
         }))
     }
 
@@ -514,8 +537,13 @@ impl Endpoint {
     where
         C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
     {
-        let (room, metrics, label, authority) =
-            (self.room.clone(), self.shared.metrics.clone(), self.label.clone(), self.authority.clone());
+        let (room, metrics, label, authority, gauge) = (
+            self.room.clone(),
+            self.shared.metrics.clone(),
+            self.label.clone(),
+            self.authority.clone(),
+            self.connections_gauge.clone(),
+        );
         tokio::spawn(async move {
             let result = connection.await;
             closed.store(true, Ordering::Release);
@@ -527,6 +555,7 @@ impl Endpoint {
             if let Err(e) = &result {
                 tracing::debug!(endpoint = %authority, error = %e, reason, "backend connection ended");
             }
+            gauge.dec();
             metrics.backend_connection_closed(&label, reason);
             room.notify_waiters();
         });

@@ -286,7 +286,10 @@ async fn drive<C: GracefulConnection>(
 /// fails (the stream is reset) as kube-apiserver aborts a request that outlives its timeout.
 pub struct GuardedBody {
     inner: Body,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<tokio::time::Instant>,
+    /// Armed only when the body first has to wait: a response that is ready at once (most
+    /// are) costs no timer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _guards: (ActivityGuard, [Option<tokio::sync::OwnedSemaphorePermit>; 2]),
 }
 
@@ -297,7 +300,7 @@ impl GuardedBody {
         permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
         deadline: Option<tokio::time::Instant>,
     ) -> Self {
-        Self { inner, deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))), _guards: (activity, permits) }
+        Self { inner, deadline, timer: None, _guards: (activity, permits) }
     }
 }
 
@@ -311,12 +314,20 @@ impl http_body::Body for GuardedBody {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if let Some(deadline) = self.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            // A body that never waits still stops at the deadline.
+            if frame.is_some() && this.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return Poll::Ready(Some(Err(axum::Error::new(BodyDeadlineExceeded))));
             }
+            return Poll::Ready(frame);
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let Some(deadline) = this.deadline else { return Poll::Pending };
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyDeadlineExceeded)))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

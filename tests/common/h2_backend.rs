@@ -30,6 +30,10 @@ pub struct H2Backend {
     pub addr: SocketAddr,
     pub name: &'static str,
     pub fail: Arc<AtomicBool>,
+    /// The answer to `GET /apis`, when set (an APIGroupList).
+    pub apis: Arc<std::sync::Mutex<Option<String>>>,
+    /// Every request's path, in arrival order.
+    pub paths: Arc<std::sync::Mutex<Vec<String>>>,
     /// Requests answered, and connections accepted.
     pub requests: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
@@ -49,7 +53,10 @@ fn full(status: StatusCode, body: String) -> Response<BoxBody> {
     response
 }
 
-async fn answer(name: &'static str, fail: bool, request: Request<Incoming>) -> Response<BoxBody> {
+async fn answer(name: &'static str, fail: bool, apis: Option<String>, request: Request<Incoming>) -> Response<BoxBody> {
+    if let (Some(list), "/apis") = (apis, request.uri().path()) {
+        return full(StatusCode::OK, list);
+    }
     if fail {
         return full(StatusCode::INTERNAL_SERVER_ERROR, format!("{{\"backend\":\"{name}\",\"failing\":true}}"));
     }
@@ -82,23 +89,30 @@ impl H2Backend {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let fail = Arc::new(AtomicBool::new(false));
+        let apis = Arc::new(std::sync::Mutex::new(None));
+        let paths = Arc::new(std::sync::Mutex::new(Vec::new()));
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let (goaway, goaway_rx) = watch::channel(0u64);
-        let (f, r, c) = (fail.clone(), requests.clone(), connections.clone());
+        let (f, r, c, a, p) = (fail.clone(), requests.clone(), connections.clone(), apis.clone(), paths.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, f, r, mut goaway) = (acceptor.clone(), f.clone(), r.clone(), goaway_rx.clone());
+                let (acceptor, f, r, a, p, mut goaway) =
+                    (acceptor.clone(), f.clone(), r.clone(), a.clone(), p.clone(), goaway_rx.clone());
                 goaway.mark_unchanged();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let service = hyper::service::service_fn(move |request| {
                         let (f, r) = (f.clone(), r.clone());
+                        let apis = a.lock().unwrap().clone();
+                        p.lock().unwrap().push(request.uri().path().to_owned());
                         async move {
                             r.fetch_add(1, Ordering::SeqCst);
-                            Ok::<_, std::convert::Infallible>(answer(name, f.load(Ordering::SeqCst), request).await)
+                            Ok::<_, std::convert::Infallible>(
+                                answer(name, f.load(Ordering::SeqCst), apis, request).await,
+                            )
                         }
                     });
                     if h2 {
@@ -119,7 +133,7 @@ impl H2Backend {
                 });
             }
         });
-        Self { addr, name, fail, requests, connections, goaway, task }
+        Self { addr, name, fail, apis, paths, requests, connections, goaway, task }
     }
 
     /// Sends GOAWAY on every connection open now (new ones are still accepted).
