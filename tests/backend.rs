@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::client::TestClient;
 use common::h2_backend::{FreezableRelay, H2Backend};
 use common::standalone::Standalone;
-use common::wait::eventually;
+use common::wait::{eventually, eventually_status};
 use http::StatusCode;
 use kube_aggregation_proxy::config::Settings;
 
@@ -217,15 +217,7 @@ async fn a_frozen_backend_is_found_dead_within_five_seconds_and_serves_again_whe
         "{text}"
     );
     relay.freeze(false);
-    eventually(Duration::from_secs(40), || async {
-        let r = client.get(&url(&env, "things/x")).await.map_err(|e| e.to_string())?;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    eventually_status(Duration::from_secs(40), &client, &url(&env, "things/x"), StatusCode::OK).await;
 }
 
 #[tokio::test]
@@ -382,15 +374,7 @@ async fn an_apiservices_flow_control_answers_429_past_its_limits_and_spares_the_
     for h in held {
         h.abort();
     }
-    eventually(Duration::from_secs(10), || async {
-        let r = client.get(&url(&env, "things/x")).await.map_err(|e| e.to_string())?;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    eventually_status(Duration::from_secs(10), &client, &url(&env, "things/x"), StatusCode::OK).await;
     // The rate: 50 a second with a burst of 50; 200 at once meet it.
     let burst: Vec<_> = (0..200)
         .map(|i| {

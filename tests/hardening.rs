@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::client::TestClient;
 use common::raw::{self, closed_within, drip_body, h2_client, tls_config, tls_connect};
 use common::standalone::{apiservice_yaml, Standalone};
-use common::wait::eventually;
+use common::wait::{eventually, eventually_status};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
@@ -256,15 +256,7 @@ async fn a_flood_under_a_low_open_file_limit_never_stops_established_clients_and
     let mut child = tokio::process::Command::new("sh").arg("-c").arg(command).kill_on_drop(true).spawn().unwrap();
     let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
     let canary = env.client().client_cert(&env.pki.admin).http2_only().build();
-    eventually(Duration::from_secs(15), || async {
-        let r = canary.get(&url(ECHO)).await.map_err(|e| e.to_string())?;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    eventually_status(Duration::from_secs(15), &canary, &url(ECHO), StatusCode::OK).await;
     let budget = canary.get(&url("/metrics")).await.unwrap().text();
     assert!(budget.contains("aggregator_proxy_max_connections 44"), "300 descriptors, 256 kept back: {budget}");
 
@@ -283,15 +275,7 @@ async fn a_flood_under_a_low_open_file_limit_never_stops_established_clients_and
     drop(flood);
     // After the flood, new clients get in again.
     let fresh = env.client().client_cert(&env.pki.admin).build();
-    eventually(Duration::from_secs(20), || async {
-        let r = fresh.get(&url(ECHO)).await.map_err(|e| e.to_string())?;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    eventually_status(Duration::from_secs(20), &fresh, &url(ECHO), StatusCode::OK).await;
     let metrics = canary.get(&url("/metrics")).await.unwrap().text();
     assert!(metrics.contains("aggregator_proxy_connections_refused_total{reason=\"max-connections\"}"), "{metrics}");
     let _ = child.kill().await;
@@ -372,15 +356,7 @@ async fn past_max_requests_inflight_requests_get_429_with_retry_after_and_system
     assert_eq!(post.status, 200, "mutating requests have their own pool");
     drop(held_body);
     assert_eq!(held.await.unwrap().unwrap(), 200);
-    eventually(Duration::from_secs(5), || async {
-        let r = bob.get(&env.url(ECHO)).await.map_err(|e| e.to_string())?;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    eventually_status(Duration::from_secs(5), &bob, &env.url(ECHO), StatusCode::OK).await;
     let metrics = bob.get(&env.url("/metrics")).await.unwrap().text();
     assert!(metrics.contains("aggregator_proxy_inflight_rejections_total{request_kind=\"readOnly\"}"), "{metrics}");
 }
