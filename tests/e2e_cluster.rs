@@ -330,3 +330,63 @@ async fn the_proxy_answers_with_kube_apiservers_status_codes() {
     assert!(rows.len() >= 40, "only {} requests compared", rows.len());
     assert!(differences.is_empty(), "status codes differ: {differences:?}");
 }
+
+/// 1,100 watches on flunders: more than sample-apiserver's 1,000 streams per connection. Short
+/// requests through the proxy still answer, each within a second, as they do through
+/// kube-apiserver's own aggregator with the same watches open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eleven_hundred_watches_leave_short_requests_answering_as_through_kube_apiserver() {
+    let cluster = cluster().await;
+    let proxy = ClusterProxy::start(cluster, |_| {}).await;
+    let admin = blocking(|| Cluster::shared().mint_user("watch-admin", &["system:masters"]).unwrap()).await;
+    let pem = kube_aggregation_proxy::pki::PemPair {
+        cert_pem: admin.cert.cert_pem.clone(),
+        key_pem: admin.cert.key_pem.clone(),
+    };
+    let cluster_ca = Cluster::shared().pki().cluster_ca.cert.cert_pem.clone();
+    let list = "/apis/wardle.example.com/v1alpha1/namespaces/default/flunders";
+    let watch = format!("{list}?watch=true&timeoutSeconds=120");
+    for (side, base) in [("proxy", proxy.url("")), ("kube-apiserver", Cluster::shared().server_url())] {
+        // Both front ends allow 100 streams a connection: 11 clients of 100 watches each.
+        let clients: Vec<_> = (0..11)
+            .map(|_| {
+                let b = if side == "proxy" {
+                    proxy.client()
+                } else {
+                    common::client::TestClient::builder().ca_pem(&cluster_ca)
+                };
+                b.client_cert(&pem).http2_only().build()
+            })
+            .collect();
+        let mut watches = Vec::new();
+        for client in &clients {
+            for _ in 0..100 {
+                let w = client
+                    .get_streaming(&format!("{base}{watch}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{side}: watch: {e}"));
+                assert_eq!(w.status, 200, "{side}: watch");
+                watches.push(w);
+            }
+        }
+        let quick =
+            if side == "proxy" { proxy.client() } else { common::client::TestClient::builder().ca_pem(&cluster_ca) }
+                .client_cert(&pem)
+                .timeout(Duration::from_secs(1))
+                .build();
+        for i in 0..5 {
+            let started = Instant::now();
+            let r = quick.get(&format!("{base}{list}")).await.unwrap_or_else(|e| panic!("{side}: short GET {i}: {e}"));
+            assert_eq!(r.status, 200, "{side}: short GET {i}");
+            eprintln!("{side}: GET flunders with 1,100 watches open: {:?}", started.elapsed());
+        }
+        drop(watches);
+    }
+    let text = proxy.client_as(&admin).get(&proxy.url("/metrics")).await.unwrap().text();
+    let connections: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("aggregator_backend_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    assert!(connections >= 2.0, "1,100 watches past 1,000 streams take a second connection: {text}");
+}
