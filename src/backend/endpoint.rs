@@ -404,7 +404,9 @@ impl Endpoint {
                 }
             };
             if connect {
-                let made = self.connect().await;
+                // Boxed: dialling (TCP, TLS, the HTTP/2 handshake) is rare, and inline it would
+                // make every request's future, which hyper moves into a task, that much larger.
+                let made = Box::pin(self.connect()).await;
                 let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
                 pool.connecting -= 1;
                 match made {

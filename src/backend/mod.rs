@@ -249,7 +249,8 @@ pub async fn send(
             Some(request) => {
                 first.metrics().backend_retried();
                 tracing::debug!(endpoint = %first.authority(), error = %e, "retrying an idempotent request once");
-                endpoints.pick_other(first).send_on(request, opts, true).await
+                // Boxed, so the common path's future does not carry a second send inline.
+                Box::pin(endpoints.pick_other(first).send_on(request, opts, true)).await
             }
             None => Err(e),
         },

@@ -152,7 +152,8 @@ pub async fn forward(
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, RequestError> {
     if is_upgrade(request.headers()) {
-        return forward_upgrade(target, caller, request).await;
+        // Boxed: rare, and large.
+        return Box::pin(forward_upgrade(target, caller, request)).await;
     }
     let outgoing = backend_request(&caller, request)?;
     let mut send = target.send;

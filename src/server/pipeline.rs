@@ -134,7 +134,7 @@ impl Gateway {
         let mut deadline = None;
 
         let mut response = if endpoints::is_probe(request.uri().path()) {
-            self.own(request).await
+            Box::pin(self.own(request)).await
         } else {
             match self.limits.classify(&request, |info| long_running_by_annotation(&table, info)) {
                 Err(e) => e.into_response(),
@@ -237,8 +237,10 @@ impl Gateway {
         };
         let caller = Caller { user, remote_addr: ctx.conn.remote_addr, audit_id: ctx.audit_id };
         match decision {
-            Decision::Own => match self.authorize_own(user, &request).await {
-                Ok(()) => (OWN_METRICS_LABEL.clone(), self.own(request).await),
+            // The proxy's own endpoints and their SubjectAccessReview are boxed: the forwarding
+            // path's future, which hyper moves into a task per request, stays small.
+            Decision::Own => match Box::pin(self.authorize_own(user, &request)).await {
+                Ok(()) => (OWN_METRICS_LABEL.clone(), Box::pin(self.own(request)).await),
                 Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
             },
             Decision::Delegate { apiservice } => {
