@@ -306,15 +306,9 @@ async fn past_max_pending_requests_new_ones_fail_fast_with_503() {
             tokio::spawn(async move { client.get(&direct).await.map(|r| r.status) })
         })
         .collect();
-    let refused = eventually(Duration::from_secs(3), || async {
-        let r = client.get(&url(&env, "things/x")).await.map_err(|e| e.to_string())?;
-        if r.status == StatusCode::SERVICE_UNAVAILABLE {
-            Ok(r)
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    let refused =
+        eventually_status(Duration::from_secs(3), &client, &url(&env, "things/x"), StatusCode::SERVICE_UNAVAILABLE)
+            .await;
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert!(
         refused.json()["message"].as_str().unwrap().contains("requests are already waiting for a connection"),

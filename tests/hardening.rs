@@ -330,15 +330,7 @@ async fn past_max_requests_inflight_requests_get_429_with_retry_after_and_system
     let mut h2 = h2_client(env.proxy.local_addr(), env.pki.serving_ca.cert_pem(), &bob_cert).await;
     let (held_body, request) = dripping(http::Method::GET, env.url("/apis/echo.example.com/v1/things/held"));
     let held = tokio::spawn(async move { h2.send_request(request).await.map(|r| r.status()) });
-    let refused = eventually(Duration::from_secs(10), || async {
-        let r = bob.get(&env.url(ECHO)).await.map_err(|e| e.to_string())?;
-        if r.status == StatusCode::TOO_MANY_REQUESTS {
-            Ok(r)
-        } else {
-            Err(format!("{}", r.status))
-        }
-    })
-    .await;
+    let refused = eventually_status(Duration::from_secs(10), &bob, &env.url(ECHO), StatusCode::TOO_MANY_REQUESTS).await;
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(refused.json()["reason"], "TooManyRequests");
     assert_eq!(env.admin().get(&env.url(ECHO)).await.unwrap().status, 200, "system:masters is never refused");
