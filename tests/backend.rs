@@ -1,5 +1,6 @@
 //! The backend connection layer against real HTTP/2 backends on loopback: stream limits and
-//! long watches, balancing and ejection across endpoints, a frozen backend, GOAWAY under load,
+//! long watches, balancing and ejection across endpoints, a backend process stopped with
+//! SIGSTOP, GOAWAY under load,
 //! a backend that never answers, and a request whose headers the backend would choke on.
 
 mod common;
@@ -9,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::client::TestClient;
-use common::h2_backend::{FreezableRelay, H2Backend};
+use common::h2_backend::H2Backend;
 use common::standalone::Standalone;
 use common::wait::{eventually, eventually_status};
 use http::StatusCode;
@@ -190,34 +191,77 @@ async fn a_dead_endpoint_and_a_failing_one_are_ejected_and_clients_stop_seeing_e
     .await;
 }
 
+/// The sample extension server as its own process (`sample-apiserver`), trusting the test
+/// PKI's front-proxy CA, on `port`. Killed when dropped.
+fn sample_process(env: &Standalone, port: u16) -> tokio::process::Child {
+    let dir = env.dir.path().join("sample-process");
+    std::fs::create_dir_all(&dir).unwrap();
+    env.pki.sample_serving.write(&dir, "serving").unwrap();
+    std::fs::write(dir.join("front-proxy-ca.crt"), env.pki.front_proxy_ca.cert_pem()).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sample-apiserver"))
+        .args(["--bind-address", "127.0.0.1", "--secure-port", &port.to_string()])
+        .args(["--tls-cert-file", &path("serving.crt"), "--tls-private-key-file", &path("serving.key")])
+        .args(["--requestheader-client-ca-file", &path("front-proxy-ca.crt")])
+        .args(["--requestheader-allowed-names", common::standalone::PROXY_CLIENT_CN])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("still running").to_string();
+    assert!(std::process::Command::new("kill").args([format!("-{name}"), pid]).status().unwrap().success());
+}
+
 #[tokio::test]
-async fn a_frozen_backend_is_found_dead_within_five_seconds_and_serves_again_when_thawed() {
-    let backend = H2Backend::start("frozen", 100).await;
-    let relay = FreezableRelay::start(backend.addr).await;
-    let env = proxy_for(&[relay.addr], |s| s.backend_connect_timeout = Some("1s".into())).await;
+async fn a_backend_stopped_with_sigstop_is_found_dead_within_five_seconds_and_serves_again_after_sigcont() {
+    const ECHO: &str = "echo.example.com";
+    // Free port for the backend process; the window before it binds is acceptable on loopback.
+    let port = dead_address().port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let env = proxy_with(&[addr], &[("echo.yaml", manifest_for(ECHO, ""))], &[ECHO], |s| {
+        s.backend_connect_timeout = Some("1s".into());
+    })
+    .await;
+    let backend = sample_process(&env, port);
     let client = env.client().client_cert(&env.pki.admin).timeout(Duration::from_secs(20)).build();
-    let mut watch = client.get_streaming(&url(&env, "things?watch=true")).await.unwrap();
+    let echo = |rest: &str| env.url(&format!("/apis/{ECHO}/v1/namespaces/default/{rest}"));
+    // `echo.yaml` replaced the standalone set-up's APIService of the same name: wait until the
+    // process answers (the echo names the host it was sent to).
+    eventually(Duration::from_secs(15), || async {
+        let r = client.get(&echo("things/x")).await.map_err(|e| e.to_string())?;
+        match (r.status, r.json()["host"].as_str()) {
+            (StatusCode::OK, Some(host)) if host == addr.to_string() => Ok(()),
+            (status, host) => Err(format!("{status}, answered by {host:?}")),
+        }
+    })
+    .await;
+    let mut watch = client.get_streaming(&echo("things?watch=true&timeoutSeconds=120")).await.unwrap();
     assert!(watch.next_chunk().await.unwrap().is_some());
-    relay.freeze(true);
-    let frozen_at = std::time::Instant::now();
+
+    signal(&backend, "STOP");
+    let stopped_at = std::time::Instant::now();
     // The watch's connection is declared dead (HTTP/2 PING unanswered): the stream fails.
     while let Ok(Some(_)) = watch.next_chunk().await {}
-    let found = frozen_at.elapsed();
-    assert!(found < Duration::from_secs(5) + Duration::from_secs(3), "found dead after {found:?}");
-    // New requests fail fast with a Status while it stays frozen.
-    let r = client.get(&url(&env, "things/x")).await.unwrap();
+    let found = stopped_at.elapsed();
+    // 5 s is the default ping interval plus timeout; the rest is slack for a loaded machine.
+    assert!(found < Duration::from_secs(8), "found dead after {found:?}");
+    // New requests fail fast with a Status naming the APIService while it stays stopped.
+    let asked_at = std::time::Instant::now();
+    let r = client.get(&echo("things/x")).await.unwrap();
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.json()["message"].as_str().unwrap().starts_with("APIService \"v1.b.example.com\" is unavailable: "));
+    assert!(asked_at.elapsed() < Duration::from_secs(5), "took {:?}", asked_at.elapsed());
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.starts_with(&format!("APIService \"v1.{ECHO}\" is unavailable: ")), "{message}");
     let text = metrics(&env).await;
-    assert!(
-        text.contains(&format!(
-            "aggregator_backend_connections_closed_total{{endpoint=\"{}\",reason=\"ping-timeout\"}}",
-            relay.addr
-        )),
-        "{text}"
-    );
-    relay.freeze(false);
-    eventually_status(Duration::from_secs(40), &client, &url(&env, "things/x"), StatusCode::OK).await;
+    let closed = format!("aggregator_backend_connections_closed_total{{endpoint=\"{addr}\",reason=\"ping-timeout\"}}");
+    assert!(text.contains(&closed), "{text}");
+
+    signal(&backend, "CONT");
+    eventually_status(Duration::from_secs(40), &client, &echo("things/x"), StatusCode::OK).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,6 @@
 //! An extension-server stand-in whose HTTP/2 behaviour a test controls: its stream limit,
-//! answering 500, sending GOAWAY on every open connection, and a relay in front of it that can
-//! freeze (stop moving bytes) like a SIGSTOPped process. Self-signed: APIServices pointing at
-//! it use `insecureSkipTLSVerify`.
+//! answering 500, and sending GOAWAY on every open connection. Self-signed: APIServices
+//! pointing at it use `insecureSkipTLSVerify`.
 //!
 //! Paths: `...?watch=true` and `.../stream` stream a line every 100 ms (600 at most) until
 //! the client goes;
@@ -19,7 +18,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use kube_aggregation_proxy::{pki, tls};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -139,66 +138,5 @@ impl H2Backend {
     /// Sends GOAWAY on every connection open now (new ones are still accepted).
     pub fn goaway(&self) {
         self.goaway.send_modify(|n| *n += 1);
-    }
-}
-
-/// A TCP relay to `target` that can be frozen: while frozen it moves no bytes either way
-/// (connections stay open, as with a stopped process) and new connections are accepted but
-/// not served.
-pub struct FreezableRelay {
-    pub addr: SocketAddr,
-    frozen: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FreezableRelay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FreezableRelay {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (frozen, frozen_rx) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let frozen = frozen_rx.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else { return };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    tokio::join!(pump(cr, sw, frozen.clone()), pump(sr, cw, frozen));
-                });
-            }
-        });
-        Self { addr, frozen, task }
-    }
-
-    pub fn freeze(&self, frozen: bool) {
-        self.frozen.send_replace(frozen);
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if frozen.wait_for(|f| !*f).await.is_err() {
-            return;
-        }
-        let n = tokio::select! {
-            read = from.read(&mut buf) => match read { Ok(0) | Err(_) => return, Ok(n) => n },
-            _ = frozen.wait_for(|f| *f) => continue,
-        };
-        // Bytes read just before a freeze are held until the thaw, like a stopped process's.
-        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
     }
 }
