@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::auth::authorization::SubjectAccessReviewer;
+use crate::auth::authorization::{Authorization, SubjectAccessReviewer};
 use crate::auth::delegating;
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::requestheader::RequestHeaderAuthenticator;
@@ -188,7 +188,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         Source::Files { .. } => None,
     };
     let mut token_reviewer = None;
-    let mut authorizer = None;
+    let mut reviewer = None;
     if let Some((client, kube_config)) = &cluster {
         if config.delegate.is_none() {
             config.delegate = Some(delegate_from_kubeconfig(kube_config)?);
@@ -203,7 +203,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
             }
         }
         token_reviewer = Some(Arc::new(TokenReviewAuthenticator::new(client.clone(), config.token_review_cache_ttl)));
-        authorizer = Some(Arc::new(SubjectAccessReviewer::new(client.clone())));
+        reviewer = Some(SubjectAccessReviewer::new(client.clone(), config.authorization.ttls));
     }
     let (serving, generated_serving_ca) = match &config.serving {
         Some(s) => (s.clone(), None),
@@ -323,7 +323,10 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         metrics: metrics.clone(),
         ready: ready.clone(),
         endpoints: endpoints::router(endpoint_state),
-        authorizer,
+        authorization: match reviewer {
+            Some(reviewer) => Authorization::cluster(reviewer, config.authorization.aggregated, metrics.clone()),
+            None => Authorization::standalone(config.authorization.impersonator_groups.clone(), metrics.clone()),
+        },
         limits: crate::server::limits::RequestLimits::new(config.request_limits.clone()),
         flow: crate::server::flow::FlowControl::new(config.flow),
     });

@@ -15,6 +15,7 @@ use http::uri::Authority;
 use http::Uri;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::authorization::CacheTtls;
 use crate::auth::requestheader::RequestHeaderConfig;
 use crate::auth::token::TokenFile;
 use crate::auth::x509::ChainVerifier;
@@ -84,7 +85,8 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_auth_file: Option<PathBuf>,
-    /// Serve unauthenticated requests as system:anonymous [default: false].
+    /// Serve unauthenticated requests as system:anonymous, who then meets authorization
+    /// [default: true with the cluster source, as kube-apiserver; false with files].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anonymous_auth: Option<bool>,
@@ -143,6 +145,27 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authentication_token_webhook_cache_ttl: Option<String>,
+    /// Cluster source: ask kube-apiserver (SubjectAccessReview) whether the caller may make
+    /// each request to an extension server before forwarding it, as kube-aggregator does.
+    /// `false` leaves authorization to the extension server alone, which is only safe when
+    /// every extension server authorizes by itself [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_aggregated_requests: Option<bool>,
+    /// How long an allowed SubjectAccessReview answer is cached [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_webhook_cache_authorized_ttl: Option<String>,
+    /// How long a denied SubjectAccessReview answer is cached [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_webhook_cache_unauthorized_ttl: Option<String>,
+    /// Files source: members of these groups may impersonate anyone with `Impersonate-*`
+    /// headers; everyone else gets 403 [default: none]. The cluster source asks
+    /// kube-apiserver instead.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub impersonation_allowed_groups: Option<Vec<String>>,
     /// How long an idle backend connection is kept [default: 90s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -251,6 +274,15 @@ pub struct RequestHeader {
     pub config: RequestHeaderConfig,
 }
 
+/// Impersonation and authorization (`--authorize-aggregated-requests`,
+/// `--authorization-webhook-cache-*-ttl`, `--impersonation-allowed-groups`).
+#[derive(Debug, Clone)]
+pub struct AuthorizationSettings {
+    pub aggregated: bool,
+    pub impersonator_groups: Vec<String>,
+    pub ttls: CacheTtls,
+}
+
 /// The local delegate (kube-apiserver).
 #[derive(Debug, Clone)]
 pub struct Delegate {
@@ -282,6 +314,7 @@ pub struct Config {
     /// How backends are reached (`--backend-*`, the proxy client certificate).
     pub backend: BackendSettings,
     pub token_review_cache_ttl: Duration,
+    pub authorization: AuthorizationSettings,
     pub frontend: FrontendSettings,
     pub request_limits: RequestLimitSettings,
     /// `--apiservice-*`: flow control for APIServices without annotations of their own.
@@ -454,6 +487,12 @@ impl Settings {
                 if !self.services.is_empty() {
                     check("services", Err("only used with source: files".into()));
                 }
+                if self.impersonation_allowed_groups.as_ref().is_some_and(|g| !g.is_empty()) {
+                    check(
+                        "impersonation-allowed-groups",
+                        Err("only used with source: files; the cluster source asks kube-apiserver".into()),
+                    );
+                }
                 Source::Cluster { kubeconfig: self.kubeconfig.clone() }
             }
         };
@@ -504,6 +543,22 @@ impl Settings {
             &self.authentication_token_webhook_cache_ttl,
             crate::auth::tokenreview::DEFAULT_CACHE_TTL,
         );
+        let authorization = AuthorizationSettings {
+            aggregated: self.authorize_aggregated_requests.unwrap_or(true),
+            impersonator_groups: self.impersonation_allowed_groups.clone().unwrap_or_default(),
+            ttls: CacheTtls {
+                allowed: duration(
+                    "authorization-webhook-cache-authorized-ttl",
+                    &self.authorization_webhook_cache_authorized_ttl,
+                    crate::auth::authorization::DEFAULT_ALLOWED_TTL,
+                ),
+                denied: duration(
+                    "authorization-webhook-cache-unauthorized-ttl",
+                    &self.authorization_webhook_cache_unauthorized_ttl,
+                    crate::auth::authorization::DEFAULT_DENIED_TTL,
+                ),
+            },
+        };
         let frontend_defaults = FrontendSettings::default();
         let frontend = FrontendSettings {
             tls_handshake_timeout: duration(
@@ -549,7 +604,7 @@ impl Settings {
             serving,
             client_ca,
             token_file,
-            anonymous_auth: self.anonymous_auth.unwrap_or(false),
+            anonymous_auth: self.anonymous_auth.unwrap_or(matches!(source, Source::Cluster { .. })),
             requestheader,
             proxy_client_cert,
             delegate,
@@ -558,6 +613,7 @@ impl Settings {
             reject_forwarding_redirects: self.aggregator_reject_forwarding_redirect.unwrap_or(true),
             backend,
             token_review_cache_ttl,
+            authorization,
             frontend,
             request_limits,
             flow: FlowDefaults {

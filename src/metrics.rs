@@ -56,6 +56,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// An authorization decision and where it came from, both from fixed sets.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allowed`, `denied` or `error`.
+    pub decision: &'static str,
+    /// `review` (a SubjectAccessReview was sent), `cache`, or `policy` (standalone's
+    /// impersonation allow-list).
+    pub source: &'static str,
+}
+
 /// A bounded set of reasons, always static strings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -108,6 +118,7 @@ pub struct Metrics {
     request_timeouts: Counter,
     inflight_rejections: Family<RequestKindLabels, Counter>,
     manifest_rejections: Family<ReasonLabels, Counter>,
+    authorization: Family<DecisionLabels, Counter>,
     backend_connections: Family<EndpointLabels, Gauge>,
     backend_in_flight: Family<EndpointLabels, Gauge>,
     backend_connections_closed: Family<EndpointReasonLabels, Counter>,
@@ -218,6 +229,12 @@ impl Metrics {
             "Requests answered 429 by --max-requests-inflight (readOnly) or --max-mutating-requests-inflight (mutating)",
             inflight_rejections.clone(),
         );
+        let authorization = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "apiserver_authorization_decisions",
+            "Authorization decisions (impersonation, own endpoints, aggregated requests) by decision and source",
+            authorization.clone(),
+        );
         let manifest_rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "aggregator_manifest_rejections",
@@ -296,6 +313,7 @@ impl Metrics {
             request_timeouts,
             inflight_rejections,
             manifest_rejections,
+            authorization,
             backend_connections,
             backend_in_flight,
             backend_connections_closed,
@@ -422,6 +440,10 @@ impl Metrics {
 
     pub fn forget_apiservice(&self, name: &str) {
         self.unavailable.remove(&NameLabels { name: name.to_owned() });
+    }
+
+    pub fn authorization(&self, decision: &'static str, source: &'static str) {
+        self.authorization.get_or_create(&DecisionLabels { decision, source }).inc();
     }
 
     pub fn authentication(&self, success: bool) {

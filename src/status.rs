@@ -9,6 +9,8 @@ use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::auth::authorization::{Attributes, AuthorizationError};
+use crate::auth::impersonation::ImpersonationError;
 use crate::auth::AuthError;
 use crate::backend::BackendError;
 
@@ -24,6 +26,33 @@ fn backend_message(apiservice: &str, error: &BackendError) -> String {
 }
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// kube's `NewForbidden` around the authorizer's words: `<resource>.<group> "<name>" is
+/// forbidden: ...` for resources, `forbidden: ...` for paths, with the resource in `details`.
+fn forbidden(code: StatusCode, attributes: &Attributes, error: &RequestError) -> Status {
+    let (message, details) = match attributes {
+        Attributes::NonResource { .. } => (format!("forbidden: {error}"), StatusDetails::default()),
+        Attributes::Resource(r) => {
+            let resource = if r.group.is_empty() { r.resource.clone() } else { format!("{}.{}", r.resource, r.group) };
+            let message = if r.name.is_empty() {
+                format!("{resource} is forbidden: {error}")
+            } else {
+                format!("{resource} {:?} is forbidden: {error}", r.name)
+            };
+            let some = |s: &String| (!s.is_empty()).then(|| s.clone());
+            (
+                message,
+                StatusDetails {
+                    name: some(&r.name),
+                    group: some(&r.group),
+                    kind: some(&r.resource),
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    Status::failure(code, "Forbidden", message).with_details(details)
+}
 
 /// `metav1.Status`, as much of it as the proxy writes.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -92,12 +121,12 @@ pub enum RequestError {
     /// Authentication failed; the cause is logged, the client sees kube's plain `Unauthorized`.
     #[error("authentication failed: {0}")]
     Unauthorized(#[from] AuthError),
-    /// The authorizer (kube-apiserver, by SubjectAccessReview) said no.
-    #[error("forbidden: User {user:?} cannot {verb} path {path:?}{reason}")]
-    Forbidden { user: String, verb: String, path: String, reason: String },
-    /// The authorizer could not be asked.
-    #[error("{0}")]
-    AuthorizationFailed(String),
+    /// Authorization (kube-apiserver, by SubjectAccessReview) said no, or could not be asked.
+    #[error(transparent)]
+    Authorization(#[from] AuthorizationError),
+    /// The impersonation headers cannot be used.
+    #[error(transparent)]
+    Impersonation(#[from] ImpersonationError),
     /// No route: an unknown group, version or path.
     #[error("{0}")]
     NotFound(String),
@@ -141,8 +170,9 @@ impl RequestError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::AuthorizationFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Authorization(AuthorizationError::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            Self::Authorization(AuthorizationError::Failed(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Impersonation(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::NotReady | Self::NoDelegate { .. } | Self::ServiceUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -165,10 +195,11 @@ impl RequestError {
         let code = self.status_code();
         match self {
             Self::Unauthorized(_) => Status::failure(code, "Unauthorized", "Unauthorized"),
-            Self::Forbidden { .. } => Status::failure(code, "Forbidden", self.to_string()),
-            Self::AuthorizationFailed(message) => {
-                Status::failure(code, "InternalError", format!("Internal error occurred: {message}"))
+            Self::Authorization(AuthorizationError::Forbidden { attributes, .. }) => forbidden(code, attributes, self),
+            Self::Authorization(e @ AuthorizationError::Failed(_)) => {
+                Status::failure(code, "InternalError", format!("Internal error occurred: {e}"))
             }
+            Self::Impersonation(e) => Status::failure(code, "BadRequest", e.to_string()),
             Self::NotFound(message) => Status::failure(code, "NotFound", message.clone()),
             Self::NotReady => Status::failure(code, "ServiceUnavailable", self.to_string())
                 .with_details(StatusDetails { retry_after_seconds: Some(5), ..Default::default() }),

@@ -147,9 +147,6 @@ async fn the_authenticated_identity_is_injected_and_spoofed_identity_headers_are
         ("x-remote-group", "system:masters"),
         ("X-Remote-Uid", "0"),
         ("X-Remote-Extra-Scopes", "everything"),
-        ("Impersonate-User", "system:admin"),
-        ("Impersonate-Group", "system:masters"),
-        ("Impersonate-Extra-Reason", "because"),
     ];
     // As alice by bearer token (the Authorization header must not reach the backend either).
     let alice = env.client().bearer(TOKEN).build();
@@ -179,6 +176,55 @@ async fn the_authenticated_identity_is_injected_and_spoofed_identity_headers_are
         .json();
     assert_eq!(seen["user"]["name"], "admin");
     assert_eq!(seen["user"]["groups"], serde_json::json!(["system:masters", "system:authenticated"]));
+}
+
+/// Standalone mode has no authorizer: impersonation is refused with kube's 403 unless
+/// `--impersonation-allowed-groups` names one of the caller's groups, and then the backend
+/// sees the impersonated user and none of the `Impersonate-*` headers.
+#[tokio::test]
+async fn impersonation_is_refused_unless_the_callers_group_is_allowed_and_then_the_backend_sees_the_impersonated_user()
+{
+    let asks = [
+        ("Impersonate-User", "bob"),
+        ("Impersonate-Group", "dev"),
+        ("Impersonate-Group", "ops"),
+        ("Impersonate-Extra-Scopes%2Fa", "view"),
+        ("Impersonate-Uid", "42"),
+    ];
+    let url = |env: &Standalone| env.url("/apis/echo.example.com/v1/whoami");
+    let env = Standalone::start().await;
+    let refused = env.admin().request(Method::GET, &url(&env), &asks, "").await.unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    let status = refused.json();
+    assert_eq!(status["reason"], "Forbidden");
+    assert_eq!(status["details"], serde_json::json!({"name": "bob", "kind": "users"}));
+    let message = status["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            r#"users "bob" is forbidden: User "admin" cannot impersonate resource "users" in API group "" at the cluster scope: "#
+        ) && message.contains("--impersonation-allowed-groups"),
+        "{message}"
+    );
+    // Groups without a user are kube's 400, naming the header that is missing.
+    let lone =
+        env.admin().request(Method::GET, &url(&env), &[("Impersonate-Group", "system:masters")], "").await.unwrap();
+    assert_eq!(lone.status, 400, "{}", lone.text());
+    assert!(lone.json()["message"].as_str().unwrap().contains("Impersonate-User"), "{}", lone.text());
+
+    let env = Standalone::start_with(|s| s.impersonation_allowed_groups = Some(vec!["system:masters".into()])).await;
+    let seen = env.admin().request(Method::GET, &url(&env), &asks, "").await.unwrap();
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    let seen = seen.json();
+    assert_eq!(seen["user"]["name"], "bob");
+    assert_eq!(seen["user"]["uid"], "42");
+    assert_eq!(seen["user"]["groups"], serde_json::json!(["dev", "ops", "system:authenticated"]));
+    assert_eq!(seen["user"]["extra"], serde_json::json!({"scopes/a": ["view"]}));
+    for name in seen["headers"].as_object().unwrap().keys() {
+        assert!(!name.starts_with("impersonate-"), "{name} reached the backend");
+    }
+    // alice (groups dev, ops) is not in the allowed group.
+    let alice = env.client().bearer(TOKEN).build();
+    assert_eq!(alice.request(Method::GET, &url(&env), &asks, "").await.unwrap().status, 403);
 }
 
 #[tokio::test]
@@ -220,6 +266,31 @@ async fn unknown_groups_and_the_core_api_get_404_with_a_status_body() {
     assert_eq!(status_of(&admin, &env.url("/apis/unknown.example.com")).await, 404);
     assert_eq!(status_of(&admin, &env.url("/api")).await, 404);
     assert_eq!(status_of(&admin, &env.url("/api/v1/pods")).await, 404);
+    // An empty segment where the version goes is no route, answered with a Status.
+    let empty = admin.get(&env.url("/apis/echo.example.com//v1/things")).await.unwrap();
+    assert_eq!(empty.status, 404);
+    assert_eq!(empty.header("content-type"), Some("application/json"));
+    assert_eq!(empty.json()["reason"], "NotFound");
+    // The proxy's own answers are private, as kube-apiserver's are.
+    assert_eq!(empty.header("cache-control"), Some("no-cache, private"));
+    let apis = admin.get(&env.url("/apis")).await.unwrap();
+    assert_eq!(apis.header("cache-control"), Some("no-cache, private"));
+}
+
+#[tokio::test]
+async fn health_endpoints_list_their_checks_when_verbose_and_version_names_the_proxy() {
+    let env = Standalone::start().await;
+    let client = env.client().build();
+    let plain = client.get(&env.url("/readyz")).await.unwrap();
+    assert_eq!((plain.status.as_u16(), plain.text()), (200, "ok".to_owned()));
+    let verbose = client.get(&env.url("/readyz?verbose")).await.unwrap();
+    assert_eq!(verbose.status, 200);
+    assert_eq!(verbose.text(), "[+]ping ok\n[+]routing-table ok\nreadyz check passed\n");
+    let livez = client.get(&env.url("/livez?verbose=1")).await.unwrap().text();
+    assert_eq!(livez, "[+]ping ok\nlivez check passed\n");
+    let version = env.admin().get(&env.url("/version")).await.unwrap().json();
+    assert_eq!(version["major"], env!("CARGO_PKG_VERSION_MAJOR"));
+    assert_eq!(version["minor"], env!("CARGO_PKG_VERSION_MINOR"));
 }
 
 #[tokio::test]

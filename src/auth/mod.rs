@@ -9,6 +9,7 @@
 pub mod authorization;
 pub mod delegating;
 pub mod identity;
+pub mod impersonation;
 pub mod requestheader;
 pub mod token;
 pub mod tokenreview;

@@ -73,7 +73,9 @@ pub struct ApiResourceDiscovery {
     pub response_kind: Option<GroupVersionKind>,
     #[serde(default)]
     pub scope: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Always written, empty or not, as kube's struct has no `omitempty` here (equal
+    /// content must give kube's bytes, and so its ETag).
+    #[serde(default)]
     pub singular_resource: String,
     #[serde(default)]
     pub verbs: Vec<String>,
@@ -614,7 +616,7 @@ mod tests {
                  "responseKind": {"group": "wardle.example.com", "version": "v1alpha1", "kind": "Fischer"},
                  "subresources": [{"subresource": "scale", "verbs": ["get"],
                      "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"}}]},
-                {"resource": "orphans", "scope": "Namespaced", "verbs": [],
+                {"resource": "orphans", "scope": "Namespaced", "singularResource": "", "verbs": [],
                  "responseKind": {"group": "", "version": "", "kind": ""},
                  "subresources": [{"subresource": "log", "verbs": ["get"],
                      "responseKind": {"group": "wardle.example.com", "version": "v1alpha1", "kind": ""}}]},

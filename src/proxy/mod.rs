@@ -50,7 +50,8 @@ const CORS_RESPONSE_HEADERS: [&str; 4] = [
 /// Forwarding policy.
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
-    /// `--aggregator-reject-forwarding-redirect`: a 3xx with `Location` becomes a 502.
+    /// `--aggregator-reject-forwarding-redirect`: an extension server's 3xx with `Location`
+    /// becomes a 502.
     pub reject_forwarding_redirects: bool,
     pub discovery_timeout: Duration,
 }
@@ -79,6 +80,9 @@ pub struct Target<'a> {
     pub discovery: bool,
     /// The request's deadline and whether it is long-running.
     pub send: SendOptions,
+    /// kube-apiserver itself: its redirects are its own answers (a stale OpenAPI hash gets a
+    /// 301 to the current one) and pass through; only extension servers' are refused.
+    pub delegate: bool,
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -172,6 +176,7 @@ pub async fn forward(
         error => RequestError::Backend { apiservice: target.apiservice.to_owned(), error },
     })?;
     if settings.reject_forwarding_redirects
+        && !target.delegate
         && response.status().is_redirection()
         && response.headers().get(header::LOCATION).is_some_and(|l| !l.is_empty())
     {

@@ -36,7 +36,9 @@ pub fn classify(path: &str) -> ApiPath<'_> {
         None => (rest, None),
     };
     if version.is_empty() {
-        return ApiPath::Group(group);
+        // `/apis/<group>//...`: kube-aggregator's mux has no handler for it; neither a group
+        // document nor a route.
+        return ApiPath::Other;
     }
     ApiPath::GroupVersion { group, version, discovery: tail.is_none_or(str::is_empty) }
 }
@@ -65,6 +67,8 @@ mod tests {
         );
         assert_eq!(classify("/api"), ApiPath::Legacy);
         assert_eq!(classify("/api/v1/pods"), ApiPath::Legacy);
+        assert_eq!(classify("/apis/metrics.k8s.io//v1beta1/nodes"), ApiPath::Other);
+        assert_eq!(classify("/apis/metrics.k8s.io//"), ApiPath::Other);
         assert_eq!(classify("/apisx"), ApiPath::Other);
         assert_eq!(classify("/apix"), ApiPath::Other);
         assert_eq!(classify("/version"), ApiPath::Other);

@@ -51,8 +51,8 @@ pub fn is_probe(path: &str) -> bool {
 
 pub fn router(state: EndpointState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/livez", get(|| async { "ok" }))
+        .route("/healthz", get(|uri: Uri| async move { health("healthz", &uri, &[("ping", Ok(()))]) }))
+        .route("/livez", get(|uri: Uri| async move { health("livez", &uri, &[("ping", Ok(()))]) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/apis", get(apis))
@@ -65,15 +65,42 @@ pub fn router(state: EndpointState) -> Router {
         .route("/openapi/v2", get(openapi_v2))
         .route("/openapi/v3", get(openapi_v3))
         .route("/openapi/v3/{*path}", get(openapi_v3_document))
+        .fallback(not_found)
         .with_state(state)
 }
 
-async fn readyz(State(state): State<EndpointState>) -> Response {
-    if *state.ready.borrow() {
-        "ok".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "routing table not built yet").into_response()
+/// Anything the router has no handler for: kube's NotFound Status, never a bare 404.
+async fn not_found(uri: Uri) -> Response {
+    RequestError::NotFound(format!(
+        "the server could not find the requested resource: no handler for path {:?}",
+        uri.path()
+    ))
+    .into_response()
+}
+
+/// kube's health output: `ok`, or with `?verbose` a `[+]name ok` line per check and
+/// `<endpoint> check passed`; a failing check is `[-]name failed: <why>` and the answer 503.
+fn health(endpoint: &str, uri: &Uri, checks: &[(&str, Result<(), &str>)]) -> Response {
+    let passed = checks.iter().all(|(_, r)| r.is_ok());
+    let verbose = uri.query().is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose=")));
+    let code = if passed { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    if passed && !verbose {
+        return "ok".into_response();
     }
+    let mut body = String::new();
+    for (name, result) in checks {
+        match result {
+            Ok(()) => body.push_str(&format!("[+]{name} ok\n")),
+            Err(why) => body.push_str(&format!("[-]{name} failed: {why}\n")),
+        }
+    }
+    body.push_str(&format!("{endpoint} check {}\n", if passed { "passed" } else { "failed" }));
+    (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+async fn readyz(State(state): State<EndpointState>, uri: Uri) -> Response {
+    let table = if *state.ready.borrow() { Ok(()) } else { Err("routing table and discovery not built yet") };
+    health("readyz", &uri, &[("ping", Ok(())), ("routing-table", table)])
 }
 
 async fn metrics(State(state): State<EndpointState>) -> Response {
@@ -122,8 +149,9 @@ async fn group(State(state): State<EndpointState>, Path(group): Path<String>) ->
 
 async fn version() -> Response {
     Json(serde_json::json!({
-        "major": "",
-        "minor": "",
+        // The proxy's own version (standalone; cluster mode forwards /version to kube-apiserver).
+        "major": env!("CARGO_PKG_VERSION_MAJOR"),
+        "minor": env!("CARGO_PKG_VERSION_MINOR"),
         "gitVersion": concat!("v", env!("CARGO_PKG_VERSION"), "-kube-aggregation-proxy"),
         "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
     }))

@@ -4,15 +4,18 @@
 //! 2. Classify (kube's RequestInfo) and start the request deadline: everything after this,
 //!    authentication included, must finish within `--request-timeout` unless the request is
 //!    long-running, as in kube-apiserver's filter chain.
-//! 3. Authenticate: the identity the backend will see is decided here and nowhere else.
-//!    Then the in-flight limits, which need the user (system:masters is never refused).
-//! 4. Strip every identity header the client sent (X-Remote-*, Impersonate-*, Authorization),
-//!    before anything can read or forward them.
-//! 5. Resolve the route with one `load_full()` of the table: no lock, no guard held across an
+//! 3. Authenticate, read the impersonation headers, then strip every identity header the
+//!    client sent (X-Remote-*, Impersonate-*, Authorization) before anything can forward them.
+//! 4. Impersonate, when asked and allowed (kube's rules, `crate::auth::impersonation`): the
+//!    identity the backend will see is decided by these two steps and nowhere else.
+//! 5. The in-flight limits, which need the user (system:masters is never refused).
+//! 6. Resolve the route with one `load_full()` of the table: no lock, no guard held across an
 //!    await, and one consistent table for the whole request.
-//! 6. Forward to the backend or the delegate with the authenticated identity injected, or
-//!    answer from the proxy's own endpoints.
-//! 7. Log and count, with the Audit-ID the backend also saw. The response body carries the
+//! 7. Authorize (cluster mode) the proxy's own endpoints and requests to extension servers;
+//!    the delegate authorizes what it serves itself.
+//! 8. Forward to the backend or the delegate with that identity injected, or answer from the
+//!    proxy's own endpoints.
+//! 9. Log and count, with the Audit-ID the backend also saw. The response body carries the
 //!    connection's activity guard, the in-flight permit and the deadline until it is sent.
 
 use std::sync::{Arc, LazyLock};
@@ -30,8 +33,9 @@ use super::flow::FlowControl;
 use super::limits::{RequestClass, RequestLimits};
 use super::request_info::RequestInfo;
 use super::ConnectionInfo;
-use crate::auth::authorization::SubjectAccessReviewer;
+use crate::auth::authorization::Authorization;
 use crate::auth::identity::IdentityHeaderNames;
+use crate::auth::impersonation::{self, Impersonation};
 use crate::auth::{AuthChain, Credentials, UserInfo};
 use crate::backend::{Endpoints, SendOptions};
 use crate::metrics::Metrics;
@@ -57,9 +61,9 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub ready: tokio::sync::watch::Receiver<bool>,
     pub endpoints: axum::Router,
-    /// Cluster mode: kube-apiserver authorizes the proxy's own endpoints, as it does for its
-    /// own aggregator's. `None` in standalone mode, where authentication is the only gate.
-    pub authorizer: Option<Arc<SubjectAccessReviewer>>,
+    /// Impersonation and, in cluster mode, kube-apiserver's authorization of the proxy's own
+    /// endpoints and of requests to extension servers.
+    pub authorization: Authorization,
     /// The request deadline and the in-flight limits.
     pub limits: RequestLimits,
     /// Per-APIService in-flight limits and token buckets (opt-in).
@@ -99,6 +103,7 @@ enum Decision {
 }
 
 const DELEGATE_LABEL: &str = "delegate";
+const NO_CACHE_PRIVATE: HeaderValue = HeaderValue::from_static("no-cache, private");
 
 /// The metrics labels that are not an APIService's name, made once.
 static OWN_METRICS_LABEL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
@@ -165,6 +170,8 @@ impl Gateway {
         };
 
         response.headers_mut().insert(HEADER_AUDIT_ID, audit_id.clone());
+        // kube-apiserver's WithCacheControl: every answer not marked otherwise is private.
+        response.headers_mut().entry(http::header::CACHE_CONTROL).or_insert(NO_CACHE_PRIVATE);
         let code = response.status().as_u16();
         self.metrics.request(&outcome.label, &method, code, started.elapsed());
         tracing::debug!(%method, apiservice = %outcome.label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
@@ -180,9 +187,17 @@ impl Gateway {
         outcome: &mut Outcome,
         mut request: Request<Incoming>,
     ) -> Response<Body> {
-        let user = match self.authenticated(ctx.conn, &mut request).await {
-            Ok(user) => user,
+        let (user, impersonation) = match self.authenticated(ctx.conn, &mut request).await {
+            Ok(found) => found,
             Err(e) => return e.into_response(),
+        };
+        let user = match impersonation {
+            None => user,
+            // Rare, and a SubjectAccessReview per check: boxed, off the common future.
+            Some(asked) => match Box::pin(self.authorization.impersonate(&user, asked)).await {
+                Ok(impersonated) => impersonated,
+                Err(e) => return RequestError::from(e).into_response(),
+            },
         };
         match self.limits.admit(class, &user) {
             Ok(permit) => outcome.permit = permit,
@@ -196,19 +211,21 @@ impl Gateway {
         response
     }
 
+    /// The authenticated user and what it asks to impersonate, with the identity headers gone.
     async fn authenticated(
         &self,
         conn: &ConnectionInfo,
         request: &mut Request<Incoming>,
-    ) -> Result<UserInfo, RequestError> {
+    ) -> Result<(UserInfo, Option<Impersonation>), RequestError> {
         let credentials = Credentials { peer_certificates: &conn.peer_certificates, headers: request.headers() };
         let result = self.auth.authenticate(credentials).await;
         self.metrics.authentication(result.is_ok());
         let user = result.inspect_err(|e| {
             tracing::info!(remote = %conn.remote_addr, path = request.uri().path(), reason = %e, "unauthorized");
         })?;
+        let impersonation = impersonation::parse(request.headers())?;
         self.identity_headers.strip(request.headers_mut());
-        Ok(user)
+        Ok((user, impersonation))
     }
 
     async fn route_and_forward(
@@ -239,16 +256,28 @@ impl Gateway {
         match decision {
             // The proxy's own endpoints and their SubjectAccessReview are boxed: the forwarding
             // path's future, which hyper moves into a task per request, stays small.
-            Decision::Own => match Box::pin(self.authorize_own(user, &request)).await {
-                Ok(()) => (OWN_METRICS_LABEL.clone(), Box::pin(self.own(request)).await),
-                Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
-            },
+            Decision::Own => {
+                let authorized = if self.authorization.authorizes_own() {
+                    Box::pin(self.authorize(user, &request)).await
+                } else {
+                    Ok(())
+                };
+                match authorized {
+                    Ok(()) => (OWN_METRICS_LABEL.clone(), Box::pin(self.own(request)).await),
+                    Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
+                }
+            }
             Decision::Delegate { apiservice } => {
                 let label = apiservice.clone().unwrap_or_else(|| DELEGATE_METRICS_LABEL.clone());
                 let response = match &self.delegate {
                     Some(d) => {
-                        let target =
-                            Target { apiservice: DELEGATE_LABEL, endpoints: &d.endpoints, discovery: false, send };
+                        let target = Target {
+                            apiservice: DELEGATE_LABEL,
+                            endpoints: &d.endpoints,
+                            discovery: false,
+                            send,
+                            delegate: true,
+                        };
                         proxy::forward(&self.forward, target, caller, request).await
                     }
                     None => Err(RequestError::NoDelegate {
@@ -258,6 +287,11 @@ impl Gateway {
                 (label, response.unwrap_or_else(RequestError::into_response))
             }
             Decision::Remote { route, discovery } => {
+                if self.authorization.authorizes_aggregated() {
+                    if let Err(e) = Box::pin(self.authorize(user, &request)).await {
+                        return (route.apiservice.name.clone(), e.into_response());
+                    }
+                }
                 let response = self.forward_remote(&route, discovery, send, caller, flow_permit, request).await;
                 (route.apiservice.name.clone(), response.unwrap_or_else(RequestError::into_response))
             }
@@ -289,24 +323,15 @@ impl Gateway {
             apiservice: apiservice.to_owned(),
             cause: e.to_string(),
         })?;
-        let target = Target { apiservice, endpoints, discovery, send };
+        let target = Target { apiservice, endpoints, discovery, send, delegate: false };
         proxy::forward(&self.forward, target, caller, request).await
     }
 
-    /// Asks the authorizer, when there is one, whether `user` may read this own endpoint.
-    async fn authorize_own(&self, user: &UserInfo, request: &Request<Incoming>) -> Result<(), RequestError> {
-        let Some(authorizer) = &self.authorizer else { return Ok(()) };
-        let verb = request.method().as_str().to_ascii_lowercase();
-        let path = request.uri().path();
-        let decision = authorizer
-            .non_resource(user, &verb, path)
-            .await
-            .map_err(|e| RequestError::AuthorizationFailed(e.to_string()))?;
-        if decision.allowed {
-            return Ok(());
-        }
-        let reason = if decision.reason.is_empty() { String::new() } else { format!(": {}", decision.reason) };
-        Err(RequestError::Forbidden { user: user.name.clone(), verb, path: path.to_owned(), reason })
+    /// Asks the authorizer about this request, with kube's RequestInfo attributes.
+    async fn authorize(&self, user: &UserInfo, request: &Request<Incoming>) -> Result<(), RequestError> {
+        let uri = request.uri();
+        let attributes = RequestInfo::parse(request.method(), uri.path(), uri.query()).attributes();
+        Ok(self.authorization.authorize(user, attributes).await?)
     }
 
     async fn own(&self, request: Request<Incoming>) -> Response<Body> {

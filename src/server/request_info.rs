@@ -12,6 +12,8 @@ use std::borrow::Cow;
 
 use http::Method;
 
+use crate::auth::authorization::{Attributes, ResourceAttributes};
+
 /// Verbs that take the place of a resource in the path (`/api/v1/watch/pods`).
 const SPECIAL_VERBS: [&str; 2] = ["proxy", "watch"];
 /// Subresources of a namespace itself, not resources inside it.
@@ -156,6 +158,23 @@ impl<'a> RequestInfo<'a> {
         LONG_RUNNING_VERBS.iter().any(|v| self.verb.is(v))
             || (self.is_resource_request && LONG_RUNNING_SUBRESOURCES.contains(&self.subresource))
             || (!self.is_resource_request && self.path.starts_with("/debug/pprof/"))
+    }
+
+    /// What kube's authorizer is asked about this request.
+    pub fn attributes(&self) -> Attributes {
+        let verb = self.verb.as_str().into_owned();
+        if !self.is_resource_request {
+            return Attributes::NonResource { verb, path: self.path.to_owned() };
+        }
+        Attributes::Resource(ResourceAttributes {
+            verb,
+            group: self.api_group.to_owned(),
+            version: self.api_version.to_owned(),
+            namespace: self.namespace.to_owned(),
+            resource: self.resource.to_owned(),
+            subresource: self.subresource.to_owned(),
+            name: self.name.clone().into_owned(),
+        })
     }
 
     /// Whether kube's max-in-flight filter counts this as a mutating request.
