@@ -329,6 +329,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         },
         limits: crate::server::limits::RequestLimits::new(config.request_limits.clone()),
         flow: crate::server::flow::FlowControl::new(config.flow),
+        documents: discovery.clone(),
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;

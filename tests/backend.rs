@@ -509,3 +509,18 @@ async fn an_availability_round_asks_each_endpoint_once_over_shared_connections()
     assert!(repeated.is_empty(), "asked more than once: {repeated:?}");
     assert!(connections <= 3, "{connections} connections for 500 APIServices");
 }
+
+#[tokio::test]
+async fn an_openapi_v3_document_the_proxy_could_not_fetch_is_asked_of_the_backend() {
+    // The stand-in answers every path with its name, so its `/openapi/v3` is no index and the
+    // proxy holds no v3 document for the group: the request goes to the backend instead of a
+    // 404 until the next round.
+    let backend = H2Backend::start("openapi", 100).await;
+    let env = proxy_for(&[backend.addr], |_| {}).await;
+    let admin = env.admin();
+    let index = admin.get(&env.url("/openapi/v3")).await.unwrap().json();
+    assert!(index["paths"].get(format!("apis/{GROUP}/v1")).is_none(), "{index}");
+    let document = admin.get(&env.url(&format!("/openapi/v3/apis/{GROUP}/v1"))).await.unwrap();
+    assert_eq!(document.status, StatusCode::OK, "{}", document.text());
+    assert!(document.text().contains("openapi"), "{}", document.text());
+}

@@ -16,7 +16,16 @@ async fn kubectl_reads_real_node_metrics_resources_and_identity_through_the_demo
     let run = |args: &'static [&'static str]| {
         let kubeconfig = demo.kubeconfig.clone();
         tokio::task::spawn_blocking(move || {
-            let output = Command::new(KUBECTL).arg("--kubeconfig").arg(&kubeconfig).args(args).output().unwrap();
+            // Its own discovery cache: the default one is keyed by host and port only.
+            let cache = kubeconfig.with_extension("kubectl-cache");
+            let output = Command::new(KUBECTL)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .arg("--cache-dir")
+                .arg(&cache)
+                .args(args)
+                .output()
+                .unwrap();
             (
                 output.status.success(),
                 String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -55,6 +55,17 @@ async fn get_aggregated(client: &TestClient, url: &str) -> serde_json::Value {
     r.json()
 }
 
+/// The shared cluster with both extension servers running.
+async fn cluster() -> &'static Cluster {
+    blocking(|| {
+        let c = Cluster::shared();
+        c.metrics_server();
+        c.sample_apiserver();
+        c
+    })
+    .await
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -62,13 +73,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_discovers_the_same_apis_through_the_proxy_as_from_kube_apiserver() {
-    let cluster = blocking(|| {
-        let c = Cluster::shared();
-        c.metrics_server();
-        c.sample_apiserver();
-        c
-    })
-    .await;
+    let cluster = cluster().await;
     let proxy = ClusterProxy::start(cluster, |_| {}).await;
     let admin = blocking(|| Cluster::shared().mint_user("discovery-admin", &["system:masters"]).unwrap()).await;
     let via_proxy = proxy.kubeconfig_for(&admin);
@@ -119,6 +124,83 @@ async fn kubectl_discovers_the_same_apis_through_the_proxy_as_from_kube_apiserve
         d.push(t.elapsed());
     }
     println!("aggregated /apis median over 200: proxy {:?}, kube-apiserver {:?}", median(p), median(d));
+}
+
+/// The documents themselves, side by side: the aggregated `/apis` (same JSON, so the same
+/// ETag), the merged OpenAPI v2 (same paths, same definitions: each APIService's spec
+/// filtered to its group-version, equal definitions shared modulo their kinds), the OpenAPI
+/// v3 index, and kube's `Cache-Control` on the proxy's own answers. kube-apiserver's own
+/// aggregator may lag a freshly registered APIService, so each comparison waits for agreement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_and_openapi_documents_are_kube_apiservers() {
+    let cluster = cluster().await;
+    let proxy = ClusterProxy::start(cluster, |_| {}).await;
+    let admin = blocking(|| Cluster::shared().mint_user("documents-admin", &["system:masters"]).unwrap()).await;
+    let (via, direct) = (proxy.client_as(&admin), direct_client(cluster, &admin));
+    let server = cluster.server_url();
+    let both = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let (via, direct, proxy_url, direct_url) = (&via, &direct, proxy.url(path), format!("{server}{path}"));
+        async move {
+            let b = via.request(Method::GET, &proxy_url, headers, "").await.map_err(|e| e.to_string())?;
+            let a = direct.request(Method::GET, &direct_url, headers, "").await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((a, b))
+        }
+    };
+
+    let (kube, ours) = eventually(Duration::from_secs(60), || async {
+        let (a, b) = both("/apis", &[("accept", AGGREGATED)]).await?;
+        if a.json() == b.json() {
+            Ok((a, b))
+        } else {
+            Err(format!("aggregated /apis differs:\n kube-apiserver {}\n proxy          {}", a.text(), b.text()))
+        }
+    })
+    .await;
+    assert_eq!(ours.header("etag"), kube.header("etag"), "equal documents, equal ETags");
+    assert_eq!(ours.body, kube.body, "equal documents, equal bytes");
+
+    let names = |doc: &serde_json::Value, section: &str| -> BTreeSet<String> {
+        doc[section].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    };
+    eventually(Duration::from_secs(60), || async {
+        let (a, b) = both("/openapi/v2", &[("accept", "application/json")]).await?;
+        let (a, b) = (a.json(), b.json());
+        for section in ["paths", "definitions"] {
+            let (kube, ours) = (names(&a, section), names(&b, section));
+            if kube != ours {
+                return Err(format!(
+                    "/openapi/v2 {section}: only kube-apiserver {:?}; only the proxy {:?}",
+                    kube.difference(&ours).collect::<Vec<_>>(),
+                    ours.difference(&kube).collect::<Vec<_>>()
+                ));
+            }
+        }
+        Ok(())
+    })
+    .await;
+
+    eventually(Duration::from_secs(60), || async {
+        let (a, b) = both("/openapi/v3", &[]).await?;
+        if a.header("content-type") != b.header("content-type") {
+            return Err(format!(
+                "/openapi/v3 Content-Type {:?} and {:?}",
+                a.header("content-type"),
+                b.header("content-type")
+            ));
+        }
+        let (kube, ours) = (names(&a.json(), "paths"), names(&b.json(), "paths"));
+        if kube == ours {
+            Ok(())
+        } else {
+            Err(format!("/openapi/v3 paths: kube-apiserver {kube:?}, proxy {ours:?}"))
+        }
+    })
+    .await;
+
+    for path in ["/apis", "/apis/wardle.example.com", "/apis/wardle.example.com/v1alpha1", "/apis/nope.example.com"] {
+        let (a, b) = both(path, &[]).await.unwrap();
+        assert_eq!(b.header("cache-control"), a.header("cache-control"), "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -225,30 +225,49 @@ impl Authorization {
         self.reviewer.is_some()
     }
 
-    /// `requestor` asks to act as `impersonation`: every check must pass, then the request
-    /// continues as the impersonated user.
+    /// `requestor` asks to act as `impersonation` while doing `action` (the request's own
+    /// attributes). Cluster mode: kube's constrained checks, then the legacy ones; standalone:
+    /// the allow-list. On success the request continues as the impersonated user.
     pub async fn impersonate(
         &self,
         requestor: &UserInfo,
         impersonation: Impersonation,
+        action: &Attributes,
     ) -> Result<UserInfo, AuthorizationError> {
-        for attributes in impersonation.checks() {
-            match &self.reviewer {
-                Some(_) => self.authorize(requestor, attributes).await?,
-                None => {
-                    if !requestor.groups.iter().any(|g| self.impersonator_groups.contains(g)) {
-                        self.metrics.authorization("denied", "policy");
-                        return Err(AuthorizationError::Forbidden {
-                            user: requestor.name.clone(),
-                            attributes: Box::new(attributes),
-                            reason: STANDALONE_IMPERSONATION.to_owned(),
-                        });
-                    }
-                    self.metrics.authorization("allowed", "policy");
-                }
+        if self.reviewer.is_none() {
+            if !requestor.groups.iter().any(|g| self.impersonator_groups.contains(g)) {
+                self.metrics.authorization("denied", "policy");
+                let attributes = impersonation.checks().swap_remove(0);
+                return Err(AuthorizationError::Forbidden {
+                    user: requestor.name.clone(),
+                    attributes: Box::new(attributes),
+                    reason: STANDALONE_IMPERSONATION.to_owned(),
+                });
             }
+            self.metrics.authorization("allowed", "policy");
+            return Ok(impersonation.into_user());
         }
-        Ok(impersonation.into_user())
+        let constrained = self.all_allowed(requestor, impersonation.constrained_checks(requestor, action)).await;
+        let refusal = match constrained {
+            Ok(()) => return Ok(impersonation.into_user()),
+            Err(e @ AuthorizationError::Failed(_)) => return Err(e),
+            Err(refusal) => refusal,
+        };
+        // Not granted the constrained way: the legacy `impersonate` verb decides, and a
+        // refusal names the constrained check, as kube-apiserver's does.
+        match self.all_allowed(requestor, impersonation.checks()).await {
+            Ok(()) => Ok(impersonation.into_user()),
+            Err(e @ AuthorizationError::Failed(_)) => Err(e),
+            Err(_) => Err(refusal),
+        }
+    }
+
+    /// Every check in order, stopping at the first that is not allowed.
+    async fn all_allowed(&self, user: &UserInfo, checks: Vec<Attributes>) -> Result<(), AuthorizationError> {
+        for attributes in checks {
+            self.authorize(user, attributes).await?;
+        }
+        Ok(())
     }
 
     /// Asks the authorizer; without one (standalone mode) everything authenticated passes.

@@ -6,6 +6,12 @@
 //! the impersonated user, and that user is then what authorization checks and what backends
 //! and the delegate see in `X-Remote-*`.
 //!
+//! kube-apiserver 1.35+ also has *constrained* impersonation (KEP-5284), tried first: one
+//! action check, `impersonate-on:<mode>:<verb>` on what the request itself does, and identity
+//! checks, `impersonate:<mode>` on the users, groups, uids, userextras, serviceaccounts or
+//! nodes of `authentication.k8s.io`. When it is not granted, the legacy `impersonate` checks
+//! decide, and a refusal names the constrained check that failed, as kube's does.
+//!
 //! Parsing happens before the identity headers are stripped, so the headers are read once and
 //! never forwarded.
 
@@ -23,6 +29,9 @@ pub const HEADER_UID: &str = "impersonate-uid";
 pub const HEADER_EXTRA_PREFIX: &str = "impersonate-extra-";
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+const NODE_PREFIX: &str = "system:node:";
+/// The extra a service account token carries naming the node its pod runs on.
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 const GROUP_SERVICE_ACCOUNTS: &str = "system:serviceaccounts";
 /// kube's API group of the `userextras` and `uids` impersonation resources.
 const AUTHENTICATION_GROUP: &str = "authentication.k8s.io";
@@ -139,6 +148,59 @@ impl Impersonation {
         checks
     }
 
+    /// KEP-5284's mode for this impersonation by `requestor`.
+    fn mode(&self, requestor: &UserInfo) -> &'static str {
+        match &self.target {
+            Target::ServiceAccount { .. } => "serviceaccount",
+            Target::User(name) => match name.strip_prefix(NODE_PREFIX) {
+                None => "user-info",
+                Some(node) => {
+                    let on_that_node = service_account(&requestor.name).is_some()
+                        && requestor.extra.get(EXTRA_NODE_NAME).is_some_and(|n| n.len() == 1 && n[0] == node);
+                    if on_that_node {
+                        "associated-node"
+                    } else {
+                        "arbitrary-node"
+                    }
+                }
+            },
+        }
+    }
+
+    /// The constrained checks, in order: the action (`impersonate-on:<mode>:<verb>` on
+    /// `action`, what the request does), then each identity (`impersonate:<mode>`).
+    pub fn constrained_checks(&self, requestor: &UserInfo, action: &Attributes) -> Vec<Attributes> {
+        let mode = self.mode(requestor);
+        let mut action = action.clone();
+        match &mut action {
+            Attributes::Resource(r) => r.verb = format!("impersonate-on:{mode}:{}", r.verb),
+            Attributes::NonResource { verb, .. } => *verb = format!("impersonate-on:{mode}:{verb}"),
+        }
+        let identity = |resource: &str, subresource: &str, namespace: &str, name: &str| {
+            Attributes::Resource(ResourceAttributes {
+                verb: format!("impersonate:{mode}"),
+                group: AUTHENTICATION_GROUP.into(),
+                version: "v1".into(),
+                namespace: namespace.into(),
+                resource: resource.into(),
+                subresource: subresource.into(),
+                name: name.into(),
+            })
+        };
+        let mut checks = vec![action];
+        checks.push(match &self.target {
+            Target::ServiceAccount { namespace, name } => identity("serviceaccounts", "", namespace, name),
+            Target::User(name) => match name.strip_prefix(NODE_PREFIX) {
+                Some(node) => identity("nodes", "", "", node),
+                None => identity("users", "", "", name),
+            },
+        });
+        checks.extend(self.groups.iter().map(|g| identity("groups", "", "", g)));
+        checks.extend(self.extra.iter().map(|(k, v)| identity("userextras", k, "", v)));
+        checks.extend(self.uid.iter().map(|u| identity("uids", "", "", u)));
+        checks
+    }
+
     /// The user the request continues as once every check passed. Groups given are the
     /// authority; a service account without them gets its fixed groups; everyone but
     /// `system:anonymous` gets `system:authenticated` unless `system:(un)authenticated` was
@@ -244,6 +306,58 @@ mod tests {
             user.groups,
             ["system:serviceaccounts", "system:serviceaccounts:kube-system", "system:authenticated"]
         );
+    }
+
+    #[test]
+    fn constrained_checks_ask_for_the_action_then_each_identity_by_mode() {
+        let action = Attributes::Resource(ResourceAttributes {
+            verb: "list".into(),
+            resource: "pods".into(),
+            namespace: "default".into(),
+            version: "v1".into(),
+            ..ResourceAttributes::default()
+        });
+        let requestor = UserInfo::new("alice", vec![]);
+        let verbs = |imp: &Impersonation, requestor: &UserInfo| {
+            imp.constrained_checks(requestor, &action)
+                .iter()
+                .map(|a| {
+                    let r = resource(a);
+                    format!(
+                        "{} {}/{}{}",
+                        r.verb,
+                        r.group,
+                        r.resource,
+                        if r.name.is_empty() { String::new() } else { format!(" {}", r.name) }
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let user = parse(&headers(&[("Impersonate-User", "jane"), ("Impersonate-Group", "dev")])).unwrap().unwrap();
+        assert_eq!(
+            verbs(&user, &requestor),
+            [
+                "impersonate-on:user-info:list /pods",
+                "impersonate:user-info authentication.k8s.io/users jane",
+                "impersonate:user-info authentication.k8s.io/groups dev",
+            ]
+        );
+        let sa = parse(&headers(&[("Impersonate-User", "system:serviceaccount:ns:robot")])).unwrap().unwrap();
+        assert_eq!(
+            verbs(&sa, &requestor),
+            [
+                "impersonate-on:serviceaccount:list /pods",
+                "impersonate:serviceaccount authentication.k8s.io/serviceaccounts robot"
+            ]
+        );
+        let node = parse(&headers(&[("Impersonate-User", "system:node:n1")])).unwrap().unwrap();
+        assert_eq!(
+            verbs(&node, &requestor),
+            ["impersonate-on:arbitrary-node:list /pods", "impersonate:arbitrary-node authentication.k8s.io/nodes n1"]
+        );
+        let mut on_node = UserInfo::new("system:serviceaccount:kube-system:agent", vec![]);
+        on_node.extra.insert(EXTRA_NODE_NAME.into(), vec!["n1".into()]);
+        assert_eq!(verbs(&node, &on_node)[0], "impersonate-on:associated-node:list /pods");
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl Endpoint {
         let settings = &self.shared.settings;
         *request.uri_mut() = self
             .uri_for(request.uri())
-            .map_err(|e| BackendError::Transport { cause: e.to_string(), retry_safe: false })?;
+            .map_err(|e| BackendError::Transport { cause: e.to_string(), retry: super::error::Retry::Never })?;
         let size = header_list_size(&request);
         if size > settings.max_header_list_size {
             self.shared.metrics.backend_header_rejected();

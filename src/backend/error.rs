@@ -27,9 +27,22 @@ pub enum BackendError {
     #[error("the backend did not answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     /// The connection failed after the request was handed to it (reset, GOAWAY, closed, a
-    /// PING not answered); `retry_safe` when the request cannot have been processed.
+    /// PING not answered). `retry` says what that allows.
     #[error("{cause}")]
-    Transport { cause: String, retry_safe: bool },
+    Transport { cause: String, retry: Retry },
+}
+
+/// What a transport failure allows for an idempotent request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The backend may have processed it (a reset, an answer cut short).
+    Never,
+    /// The connection failed before any answer: one more try.
+    Once,
+    /// The backend never took the request (GOAWAY past its stream, REFUSED_STREAM, a
+    /// connection that went away before the request was written): it may be sent again on a
+    /// fresh connection a bounded number of times, as Go's HTTP/2 transport does.
+    Unprocessed,
 }
 
 impl BackendError {
@@ -38,9 +51,14 @@ impl BackendError {
     pub fn retry_safe(&self) -> bool {
         match self {
             Self::Connect(_) => true,
-            Self::Transport { retry_safe, .. } => *retry_safe,
+            Self::Transport { retry, .. } => *retry != Retry::Never,
             _ => false,
         }
+    }
+
+    /// Whether the backend never took the request, so sending it again cannot repeat it.
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, Self::Transport { retry: Retry::Unprocessed, .. })
     }
 
     /// Whether this counts against the endpoint's health (it says nothing about the backend
@@ -68,10 +86,15 @@ impl BackendError {
         // Canceled: the request never left; GOAWAY past its stream or REFUSED_STREAM: the
         // backend says it did not process it; closed or silent before the answer began: a
         // connection-level failure before any response byte.
-        let retry_safe =
-            e.is_canceled() || e.is_incomplete_message() || e.is_closed() || e.is_timeout() || goaway || refused;
+        let retry = if e.is_canceled() || goaway || refused {
+            Retry::Unprocessed
+        } else if e.is_incomplete_message() || e.is_closed() || e.is_timeout() {
+            Retry::Once
+        } else {
+            Retry::Never
+        };
         let declined = refused || (goaway && h2.and_then(h2::Error::reason) == Some(h2::Reason::NO_ERROR));
-        (Self::Transport { cause, retry_safe }, !stream_only, declined)
+        (Self::Transport { cause, retry }, !stream_only, declined)
     }
 }
 

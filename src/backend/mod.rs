@@ -234,9 +234,14 @@ impl Backends {
     }
 }
 
+/// Sends again, at most, a request the backend never took (see [`send`]).
+const MAX_UNPROCESSED_RESENDS: usize = 2;
+
 /// Sends `request` to one of `endpoints`. An idempotent request (GET, HEAD, OPTIONS; not
 /// long-running; no body) that fails at the connection level before any answer is sent once
-/// more, to another endpoint when there is one; nothing else is ever retried.
+/// more, to another endpoint when there is one, on a fresh connection. While the backend
+/// declines it unprocessed (GOAWAY past its stream, REFUSED_STREAM: a backend going away),
+/// up to [`MAX_UNPROCESSED_RESENDS`] more; nothing else is ever retried.
 pub async fn send(
     endpoints: &Endpoints,
     request: Request<Body>,
@@ -246,16 +251,38 @@ pub async fn send(
     let first = endpoints.pick();
     match first.send(request, opts).await {
         Err(e) if e.retry_safe() => match again {
-            Some(request) => {
-                first.metrics().backend_retried();
-                tracing::debug!(endpoint = %first.authority(), error = %e, "retrying an idempotent request once");
-                // Boxed, so the common path's future does not carry a second send inline.
-                Box::pin(endpoints.pick_other(first).send_on(request, opts, true)).await
-            }
+            // Boxed, so the common path's future does not carry the retries inline.
+            Some(request) => Box::pin(retry(endpoints, first, request, opts, e)).await,
             None => Err(e),
         },
         other => other,
     }
+}
+
+async fn retry(
+    endpoints: &Endpoints,
+    mut previous: &Arc<Endpoint>,
+    mut request: Request<Body>,
+    opts: &SendOptions,
+    mut error: BackendError,
+) -> Result<Response<Body>, BackendError> {
+    for resend in 0..=MAX_UNPROCESSED_RESENDS {
+        if resend > 0 && !error.unprocessed() {
+            break;
+        }
+        let next = retry_copy(&request, opts);
+        previous.metrics().backend_retried();
+        tracing::debug!(endpoint = %previous.authority(), error = %error, "sending an idempotent request again");
+        let endpoint = endpoints.pick_other(previous);
+        match endpoint.send_on(request, opts, true).await {
+            Err(e) => {
+                let Some(copy) = next else { return Err(e) };
+                (previous, request, error) = (endpoint, copy, e);
+            }
+            ok => return ok,
+        }
+    }
+    Err(error)
 }
 
 /// A second copy of a request that may be retried, made before the first is sent.

@@ -120,8 +120,18 @@ pub struct DiscoveryDocuments {
     resync: Arc<Notify>,
 }
 
+/// The aggregated document as kube-apiserver serves it, byte for byte: its JSON and a newline,
+/// with the ETag kube computes, the SHA-512 of the JSON without `kind` and `apiVersion`.
 fn publish_aggregated(list: &ApiGroupDiscoveryList) -> Published {
-    Published::new(CONTENT_TYPE_AGGREGATED_V2, serde_json::to_vec(list).unwrap_or_else(|_| b"{}".to_vec()))
+    #[derive(serde::Serialize)]
+    struct Untyped<'a> {
+        metadata: &'a serde_json::Map<String, Value>,
+        items: &'a [crate::discovery::aggregated::ApiGroupDiscovery],
+    }
+    let mut body = serde_json::to_vec(list).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let hashed = serde_json::to_vec(&Untyped { metadata: &list.metadata, items: &list.items }).unwrap_or_default();
+    Published::hashed_as(CONTENT_TYPE_AGGREGATED_V2, body, &hashed)
 }
 
 impl DiscoveryDocuments {
@@ -700,10 +710,16 @@ impl Fetcher {
     }
 
     fn rebuild_openapi_v2(&self) {
-        let remote: Vec<Value> = self
+        // Each backend's spec keeps the paths of the group-versions its APIServices register,
+        // as kube-aggregator filters each APIService's spec to `/apis/<group>/<version>/`.
+        let remote: Vec<(Value, Vec<String>)> = self
             .ranked_backends()
             .into_iter()
-            .filter_map(|(_, state)| state.v2.as_ref()?.0.as_deref().cloned())
+            .filter_map(|(key, state)| {
+                let spec = state.v2.as_ref()?.0.as_deref().cloned()?;
+                let prefixes = self.inputs.get(key)?.signature.group_versions.iter();
+                Some((spec, prefixes.map(|(g, v)| format!("/apis/{g}/{v}/")).collect()))
+            })
             .collect();
         let local = self.delegate_value.openapi_v2.as_deref().cloned();
         let published = openapi::publish_v2(&openapi::merge_v2(local, remote));

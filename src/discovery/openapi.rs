@@ -6,14 +6,18 @@
 //! from memory ([`Published`]).
 //!
 //! v2, as kube-aggregator merges it:
-//! - each remote spec is first filtered to its `/apis/` paths (a backend cannot add `/api/...`
-//!   or root paths), dropping the definitions and parameters nothing kept refers to;
+//! - each remote spec is first filtered to the paths of the group-versions its APIServices
+//!   register (`/apis/<group>/<version>/...`: a backend cannot add `/api/...`, root paths, its
+//!   group's own path or a version nobody registered), dropping the definitions and
+//!   parameters nothing kept refers to;
 //! - specs are merged in priority order (the delegate first, then backends by group priority);
 //!   on a path conflict the earlier spec keeps the path, and a spec whose paths all conflict
 //!   adds nothing;
-//! - an equal definition (or shared parameter) of the same name is shared; a different one is
-//!   renamed `<name>_v2`, `_v3`, ... (a name free in both specs) and every `$ref` to it in the
-//!   incoming spec is rewritten.
+//! - an equal definition (or shared parameter) of the same name is shared, equality ignoring
+//!   `x-kubernetes-group-version-kind` as kube-openapi's does, and the two GVK lists are merged
+//!   (so `DeleteOptions` and `WatchEvent` stay one definition each); a different one is renamed
+//!   `<name>_v2`, `_v3`, ... (reusing an earlier rename it equals, else a name free in both
+//!   specs) and every `$ref` to it in the incoming spec is rewritten.
 //!
 //! v3: the index is the union of the sources' `paths`, each pointing at
 //! `/openapi/v3/<path>?hash=<hash of the cached document>`; a backend's own document is served
@@ -27,10 +31,47 @@ use serde_json::{Map, Value};
 use super::published::Published;
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// kube-openapi writes the `/openapi/v3` index without a Content-Type, so Go's sniffing
+/// labels it text: clients see this from kube-apiserver, and so from the proxy.
+pub const CONTENT_TYPE_V3_INDEX: &str = "text/plain; charset=utf-8";
 /// The path every v3 document is served under.
 pub const V3_PREFIX: &str = "/openapi/v3/";
 
 const DEFINITIONS_REF: &str = "#/definitions/";
+/// kube's extension listing the kinds a definition is; not part of its equality.
+const GVK_KEY: &str = "x-kubernetes-group-version-kind";
+
+/// kube-openapi's `deepEqualDefinitionsModuloGVKs`.
+fn equal_modulo_gvks(a: &Value, b: &Value) -> bool {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            let others = |m: &Map<String, Value>| m.len() - usize::from(m.contains_key(GVK_KEY));
+            others(a) == others(b) && a.iter().filter(|(k, _)| *k != GVK_KEY).all(|(k, v)| b.get(k) == Some(v))
+        }
+        _ => a == b,
+    }
+}
+
+/// Adds `incoming`'s GVKs that `existing` lacks, sorted by `group/version.kind` when any was
+/// added, as kube-openapi's `mergedGVKs`.
+fn merge_gvks(existing: &mut Value, incoming: &Value) {
+    let Some(new) = incoming.get(GVK_KEY).and_then(Value::as_array) else { return };
+    let Some(map) = existing.as_object_mut() else { return };
+    let Some(Value::Array(list)) = map.get_mut(GVK_KEY) else {
+        map.insert(GVK_KEY.to_owned(), Value::Array(new.clone()));
+        return;
+    };
+    let key = |gvk: &Value| {
+        let part = |k: &str| gvk.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        format!("{}/{}.{}", part("group"), part("version"), part("kind"))
+    };
+    let seen: BTreeSet<String> = list.iter().map(key).collect();
+    let before = list.len();
+    list.extend(new.iter().filter(|g| !seen.contains(&key(g))).cloned());
+    if list.len() != before {
+        list.sort_by_key(key);
+    }
+}
 const PARAMETERS_REF: &str = "#/parameters/";
 
 /// Every `$ref` string in `value`.
@@ -124,17 +165,24 @@ fn rename_conflicts(dest: &Value, source: &mut Value, section: &str, ref_prefix:
         let empty = Map::new();
         let dest_entries = object(dest, section).unwrap_or(&empty);
         let source_entries = object(source, section).unwrap_or(&empty);
-        let mut taken: BTreeSet<String> = dest_entries.keys().chain(source_entries.keys()).cloned().collect();
+        let mut assigned: BTreeSet<String> = BTreeSet::new();
         let mut renames: Vec<(String, String)> = Vec::new();
         for (name, value) in source_entries {
-            if dest_entries.get(name).is_some_and(|existing| existing != value) {
-                let new = (2..)
-                    .map(|n| format!("{name}_v{n}"))
-                    .find(|candidate| !taken.contains(candidate))
-                    .unwrap_or_else(|| format!("{name}_renamed"));
-                taken.insert(new.clone());
-                renames.push((name.clone(), new));
+            if dest_entries.get(name).is_none_or(|existing| equal_modulo_gvks(existing, value)) {
+                continue;
             }
+            // kube-openapi's order: skip names the incoming spec has, reuse an earlier rename
+            // this one equals, else take the first name free in the merged document.
+            let new = (2..)
+                .map(|n| format!("{name}_v{n}"))
+                .find(|candidate| {
+                    !source_entries.contains_key(candidate)
+                        && !assigned.contains(candidate)
+                        && dest_entries.get(candidate).is_none_or(|existing| equal_modulo_gvks(existing, value))
+                })
+                .unwrap_or_else(|| format!("{name}_renamed"));
+            assigned.insert(new.clone());
+            renames.push((name.clone(), new));
         }
         if renames.is_empty() {
             return;
@@ -172,7 +220,14 @@ pub fn merge_into(dest: &mut Value, mut source: Value) -> bool {
         let target = dest_map.entry(section).or_insert_with(|| Value::Object(Map::new()));
         if let Some(target) = target.as_object_mut() {
             for (k, v) in incoming {
-                target.entry(k).or_insert(v);
+                match target.get_mut(&k) {
+                    // Equal modulo GVKs by now (or a path, which the first spec keeps).
+                    Some(existing) if section == "definitions" => merge_gvks(existing, &v),
+                    Some(_) => {}
+                    None => {
+                        target.insert(k, v);
+                    }
+                }
             }
         }
     }
@@ -190,13 +245,17 @@ fn default_v2_base() -> Value {
 }
 
 /// Merges Swagger 2.0 specs, highest priority first: `local` specs unfiltered (the delegate
-/// owns every path it serves), then `remote` specs filtered to `/apis/`. The first spec gives
-/// the top-level fields (`swagger`, `info`, `securityDefinitions`, ...).
-pub fn merge_v2(local: impl IntoIterator<Item = Value>, remote: impl IntoIterator<Item = Value>) -> Value {
+/// owns every path it serves), then each `remote` spec filtered to the path prefixes given
+/// with it (`/apis/<group>/<version>/` of each APIService it serves). The first spec gives the
+/// top-level fields (`swagger`, `info`, `securityDefinitions`, ...).
+pub fn merge_v2(
+    local: impl IntoIterator<Item = Value>,
+    remote: impl IntoIterator<Item = (Value, Vec<String>)>,
+) -> Value {
     let specs: Vec<Value> = local
         .into_iter()
-        .chain(remote.into_iter().map(|mut spec| {
-            filter_paths(&mut spec, |p| p.starts_with("/apis/"));
+        .chain(remote.into_iter().map(|(mut spec, prefixes)| {
+            filter_paths(&mut spec, |p| prefixes.iter().any(|prefix| p.starts_with(prefix.as_str())));
             spec
         }))
         .filter(Value::is_object)
@@ -278,7 +337,7 @@ pub fn build_v3(remote: BTreeMap<String, Bytes>, delegate: &BTreeMap<String, Str
         "paths": paths.into_iter().map(|(k, url)| (k, serde_json::json!({"serverRelativeURL": url}))).collect::<Map<_, _>>()
     });
     V3Documents {
-        root: Published::new(CONTENT_TYPE_JSON, serde_json::to_vec(&root).unwrap_or_else(|_| b"{}".to_vec())),
+        root: Published::new(CONTENT_TYPE_V3_INDEX, serde_json::to_vec(&root).unwrap_or_else(|_| b"{}".to_vec())),
         documents,
     }
 }
@@ -292,14 +351,20 @@ mod tests {
         json!({"swagger": "2.0", "info": {"title": "t", "version": "1"}, "paths": paths, "definitions": definitions})
     }
 
+    /// A remote spec whose APIServices register `group_versions` (`a.io/v1`, ...).
+    fn served(spec: Value, group_versions: &[&str]) -> (Value, Vec<String>) {
+        (spec, group_versions.iter().map(|gv| format!("/apis/{gv}/")).collect())
+    }
+
     fn get_ref(def: &str) -> Value {
         json!({"get": {"responses": {"200": {"schema": {"$ref": format!("#/definitions/{def}")}}}}})
     }
 
     #[test]
-    fn remote_specs_are_filtered_to_apis_paths_and_what_they_reach() {
+    fn remote_specs_are_filtered_to_their_group_versions_paths_and_what_they_reach() {
         let remote = spec(
-            json!({"/apis/a.io/v1/things": get_ref("Thing"), "/api/v1/pods": get_ref("Pod"), "/version": get_ref("Info")}),
+            json!({"/apis/a.io/v1/things": get_ref("Thing"), "/api/v1/pods": get_ref("Pod"), "/version": get_ref("Info"),
+                   "/apis/a.io/": get_ref("Info"), "/apis/a.io/v2/things": get_ref("Pod")}),
             json!({
                 "Thing": {"properties": {"meta": {"$ref": "#/definitions/Meta"}}},
                 "Meta": {"type": "object"},
@@ -307,7 +372,7 @@ mod tests {
                 "Info": {"type": "object"},
             }),
         );
-        let merged = merge_v2([], [remote]);
+        let merged = merge_v2([], [served(remote, &["a.io/v1"])]);
         assert_eq!(merged["paths"].as_object().unwrap().keys().collect::<Vec<_>>(), ["/apis/a.io/v1/things"]);
         assert_eq!(merged["definitions"].as_object().unwrap().keys().collect::<Vec<_>>(), ["Meta", "Thing"]);
         assert_eq!(merged["swagger"], "2.0");
@@ -320,7 +385,7 @@ mod tests {
             json!({"/apis/a.io/v1/x": get_ref("B"), "/apis/b.io/v1/y": get_ref("C")}),
             json!({"B": {"type": "string"}, "C": {"type": "integer"}}),
         );
-        let merged = merge_v2([], [first, second]);
+        let merged = merge_v2([], [served(first, &["a.io/v1"]), served(second, &["a.io/v1", "b.io/v1"])]);
         assert_eq!(merged["paths"]["/apis/a.io/v1/x"], get_ref("A"));
         assert_eq!(merged["paths"]["/apis/b.io/v1/y"], get_ref("C"));
         // B was only reachable from the losing path.
@@ -331,7 +396,7 @@ mod tests {
     fn a_spec_whose_paths_all_conflict_adds_nothing() {
         let first = spec(json!({"/apis/a.io/v1/x": get_ref("A")}), json!({"A": {"type": "object"}}));
         let second = spec(json!({"/apis/a.io/v1/x": get_ref("A")}), json!({"A": {"type": "string"}}));
-        let mut merged = merge_v2([], [first.clone()]);
+        let mut merged = merge_v2([], [served(first.clone(), &["a.io/v1"])]);
         assert!(!merge_into(&mut merged, second));
         assert_eq!(merged["definitions"], json!({"A": {"type": "object"}}));
     }
@@ -351,7 +416,8 @@ mod tests {
             json!({"/apis/c.io/v1/w": get_ref("Thing")}),
             json!({"Thing": {"type": "integer"}, "Thing_v2": {"type": "boolean"}}),
         );
-        let merged = merge_v2([], [first, second, third]);
+        let merged =
+            merge_v2([], [served(first, &["a.io/v1"]), served(second, &["b.io/v1"]), served(third, &["c.io/v1"])]);
         let defs = merged["definitions"].as_object().unwrap();
         assert_eq!(defs.keys().collect::<Vec<_>>(), ["Meta", "Thing", "Thing_v2", "Thing_v3"]);
         assert_eq!(merged["paths"]["/apis/b.io/v1/y"], get_ref("Thing_v2"));
@@ -375,16 +441,50 @@ mod tests {
             json!({"/apis/b.io/v1/y": get_ref("Wrapper")}),
             json!({"Wrapper": {"items": {"$ref": "#/definitions/Inner"}}, "Inner": {"type": "integer"}}),
         );
-        let merged = merge_v2([], [first, second]);
+        let merged = merge_v2([], [served(first, &["a.io/v1"]), served(second, &["b.io/v1"])]);
         assert_eq!(merged["paths"]["/apis/b.io/v1/y"], get_ref("Wrapper_v2"));
         assert_eq!(merged["definitions"]["Wrapper_v2"]["items"]["$ref"], "#/definitions/Inner_v2");
         assert_eq!(merged["definitions"]["Wrapper"]["items"]["$ref"], "#/definitions/Inner");
     }
 
     #[test]
+    fn definitions_equal_but_for_their_kinds_are_one_with_the_kinds_merged() {
+        let gvk = |g: &str| json!({"group": g, "version": "v1", "kind": "DeleteOptions"});
+        let delete_options = |g: &str| json!({"type": "object", "x-kubernetes-group-version-kind": [gvk(g)]});
+        let first = spec(
+            json!({"/apis/b.io/v1/x": get_ref("DeleteOptions")}),
+            json!({"DeleteOptions": delete_options("b.io")}),
+        );
+        let second = spec(
+            json!({"/apis/a.io/v1/y": get_ref("DeleteOptions")}),
+            json!({"DeleteOptions": delete_options("a.io")}),
+        );
+        // Different but for the kinds, a third time: renamed once, then reused.
+        let other = |g: &str| json!({"type": "string", "x-kubernetes-group-version-kind": [gvk(g)]});
+        let third = spec(json!({"/apis/c.io/v1/z": get_ref("DeleteOptions")}), json!({"DeleteOptions": other("c.io")}));
+        let fourth =
+            spec(json!({"/apis/d.io/v1/w": get_ref("DeleteOptions")}), json!({"DeleteOptions": other("d.io")}));
+        let merged = merge_v2(
+            [],
+            [
+                served(first, &["b.io/v1"]),
+                served(second, &["a.io/v1"]),
+                served(third, &["c.io/v1"]),
+                served(fourth, &["d.io/v1"]),
+            ],
+        );
+        let defs = merged["definitions"].as_object().unwrap();
+        assert_eq!(defs.keys().collect::<Vec<_>>(), ["DeleteOptions", "DeleteOptions_v2"]);
+        assert_eq!(defs["DeleteOptions"]["x-kubernetes-group-version-kind"], json!([gvk("a.io"), gvk("b.io")]));
+        assert_eq!(defs["DeleteOptions_v2"]["x-kubernetes-group-version-kind"], json!([gvk("c.io"), gvk("d.io")]));
+        assert_eq!(merged["paths"]["/apis/d.io/v1/w"], get_ref("DeleteOptions_v2"));
+    }
+
+    #[test]
     fn local_specs_come_first_unfiltered() {
         let local = spec(json!({"/api/v1/pods": get_ref("Pod")}), json!({"Pod": {"type": "object"}}));
-        let merged = merge_v2([local], [spec(json!({"/api/v1/pods": get_ref("Evil")}), json!({"Evil": {}}))]);
+        let evil = spec(json!({"/api/v1/pods": get_ref("Evil")}), json!({"Evil": {}}));
+        let merged = merge_v2([local], [served(evil, &["a.io/v1"])]);
         assert_eq!(merged["paths"]["/api/v1/pods"], get_ref("Pod"));
         assert!(merged["definitions"].get("Evil").is_none());
         assert_eq!(merge_v2([], [])["swagger"], "2.0");

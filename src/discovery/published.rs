@@ -3,7 +3,7 @@
 //! comparison.
 //!
 //! The entity tag is kube's for aggregated discovery: the upper-case hex SHA-512 of the
-//! document's bytes, in double quotes. An `If-None-Match` equal to it is answered
+//! document's bytes (for aggregated discovery, of the bytes kube hashes), in double quotes. An `If-None-Match` equal to it is answered
 //! `304 Not Modified` without a body; like kube-apiserver, no weak tags or lists are parsed.
 
 use axum::body::Body;
@@ -39,6 +39,17 @@ impl Published {
     pub fn new(content_type: &'static str, body: impl Into<Bytes>) -> Self {
         let body = body.into();
         let hash = sha512_hex(&body);
+        Self::with_hash(content_type, body, hash)
+    }
+
+    /// A document whose entity tag is the hash of another encoding of it, `hashed`: kube
+    /// hashes aggregated discovery without its `kind` and `apiVersion` and serves it with a
+    /// trailing newline, and equal content must carry kube's ETag.
+    pub fn hashed_as(content_type: &'static str, body: impl Into<Bytes>, hashed: &[u8]) -> Self {
+        Self::with_hash(content_type, body.into(), sha512_hex(hashed))
+    }
+
+    fn with_hash(content_type: &'static str, body: Bytes, hash: String) -> Self {
         // A quoted hex string is always a valid header value.
         let etag = HeaderValue::from_str(&format!("\"{hash}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""));
         Self { body, content_type: HeaderValue::from_static(content_type), hash, etag }

@@ -68,6 +68,8 @@ pub struct Gateway {
     pub limits: RequestLimits,
     /// Per-APIService in-flight limits and token buckets (opt-in).
     pub flow: FlowControl,
+    /// The fetched discovery and OpenAPI documents, to know which the proxy can answer.
+    pub documents: crate::discovery::DiscoveryDocuments,
 }
 
 /// What every step of one request reads: where it came from, the table it is routed by, its
@@ -194,7 +196,7 @@ impl Gateway {
         let user = match impersonation {
             None => user,
             // Rare, and a SubjectAccessReview per check: boxed, off the common future.
-            Some(asked) => match Box::pin(self.authorization.impersonate(&user, asked)).await {
+            Some(asked) => match Box::pin(self.impersonate(&user, asked, &request)).await {
                 Ok(impersonated) => impersonated,
                 Err(e) => return RequestError::from(e).into_response(),
             },
@@ -239,7 +241,8 @@ impl Gateway {
         if !*self.ready.borrow() {
             return (OWN_METRICS_LABEL.clone(), RequestError::NotReady.into_response());
         }
-        let decision = match decide(ctx.table, request.uri().path(), self.delegate.is_some()) {
+        let has_v3_document = |path: &str| self.documents.openapi_v3().document(path).is_some();
+        let decision = match decide(ctx.table, request.uri().path(), self.delegate.is_some(), has_v3_document) {
             // The merged OpenAPI v2 is JSON only; a client that wants protobuf (kubectl's
             // validation does) gets kube-apiserver's, which its own aggregator merged.
             Ok(Decision::Own)
@@ -327,6 +330,18 @@ impl Gateway {
         proxy::forward(&self.forward, target, caller, request).await
     }
 
+    /// Impersonation checks, given what the request itself does.
+    async fn impersonate(
+        &self,
+        user: &UserInfo,
+        asked: Impersonation,
+        request: &Request<Incoming>,
+    ) -> Result<UserInfo, crate::auth::authorization::AuthorizationError> {
+        let uri = request.uri();
+        let action = RequestInfo::parse(request.method(), uri.path(), uri.query()).attributes();
+        self.authorization.impersonate(user, asked, &action).await
+    }
+
     /// Asks the authorizer about this request, with kube's RequestInfo attributes.
     async fn authorize(&self, user: &UserInfo, request: &Request<Incoming>) -> Result<(), RequestError> {
         let uri = request.uri();
@@ -347,8 +362,14 @@ fn not_found(what: String) -> RequestError {
 }
 
 /// Decides where a path goes. Unknown paths go to the delegate when there is one (it owns
-/// everything the aggregator does not), else they are 404.
-fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decision, RequestError> {
+/// everything the aggregator does not), else they are 404. `has_v3_document` says whether the
+/// proxy holds a remote group-version's OpenAPI v3 document (`apis/<group>/<version>`).
+fn decide(
+    table: &RoutingTable,
+    path: &str,
+    has_delegate: bool,
+    has_v3_document: impl Fn(&str) -> bool,
+) -> Result<Decision, RequestError> {
     let otherwise = |what: String| {
         if has_delegate {
             Ok(Decision::Delegate { apiservice: None })
@@ -377,8 +398,13 @@ fn decide(table: &RoutingTable, path: &str, has_delegate: bool) -> Result<Decisi
             // group-versions are ours (crate::discovery::openapi); the delegate's own v3
             // documents are forwarded to it.
             "/openapi/v2" | "/openapi/v3" => Ok(Decision::Own),
-            _ if openapi_v3_is_remote(table, path) => Ok(Decision::Own),
-            _ => otherwise(format!("no handler for path {path:?}")),
+            _ => match openapi_v3_remote(table, path) {
+                Some((document, _)) if has_v3_document(document) => Ok(Decision::Own),
+                // Not fetched (yet, or the last fetch failed): the backend answers for itself
+                // rather than a 404 until the next round.
+                Some((_, route)) => Ok(Decision::Remote { route, discovery: true }),
+                None => otherwise(format!("no handler for path {path:?}")),
+            },
         },
     }
 }
@@ -393,13 +419,15 @@ fn long_running_by_annotation(table: &RoutingTable, info: &RequestInfo<'_>) -> b
         .is_some_and(|r| r.apiservice.policy.long_running_subresources.iter().any(|s| s == info.subresource))
 }
 
-/// Whether `path` is `/openapi/v3/apis/<group>/<version>` of a remote APIService.
-fn openapi_v3_is_remote(table: &RoutingTable, path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/openapi/v3") else { return false };
+/// For `/openapi/v3/apis/<group>/<version>` of a remote APIService: the document's name
+/// (`apis/<group>/<version>`) and the route.
+fn openapi_v3_remote<'a>(table: &RoutingTable, path: &'a str) -> Option<(&'a str, Arc<Route>)> {
+    let rest = path.strip_prefix("/openapi/v3")?;
     match classify(rest) {
         ApiPath::GroupVersion { group, version, discovery: true } => {
-            table.route(group, version).is_some_and(|r| matches!(r.upstream, Upstream::Remote(_)))
+            let route = table.route(group, version).filter(|r| matches!(r.upstream, Upstream::Remote(_)))?;
+            Some((rest.trim_start_matches('/').trim_end_matches('/'), route.clone()))
         }
-        _ => false,
+        _ => None,
     }
 }

@@ -43,11 +43,20 @@ impl KubectlOutput {
     }
 }
 
+/// kubectl's discovery cache for `kubeconfig`, next to it: the default, `~/.kube/cache`, is
+/// keyed by host and port, and a later proxy on a port an earlier one used would be answered
+/// from that one's cached discovery.
+fn cache_dir(kubeconfig: &Path) -> String {
+    kubeconfig.with_extension("kubectl-cache").display().to_string()
+}
+
 /// Runs `kubectl --kubeconfig <kubeconfig> <args>`, feeding `stdin` if given.
 pub fn run(kubectl: &Path, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Result<KubectlOutput, String> {
     let mut child = Command::new(kubectl)
         .arg("--kubeconfig")
         .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache_dir(kubeconfig))
         .arg(REQUEST_TIMEOUT)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -78,7 +87,12 @@ pub struct KubectlWatch {
 
 impl KubectlWatch {
     pub fn spawn(kubectl: &Path, kubeconfig: &Path, args: &[&str], log: &Path) -> Result<Self, String> {
-        let mut full_args = vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()];
+        let mut full_args = vec![
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+            "--cache-dir".to_owned(),
+            cache_dir(kubeconfig),
+        ];
         full_args.extend(args.iter().map(|a| a.to_string()));
         let (process, stdout) = Process::spawn_piped("kubectl-watch", kubectl, &full_args, log)
             .map_err(|e| format!("starting kubectl {args:?}: {e}"))?;
