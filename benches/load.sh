@@ -4,6 +4,7 @@
 #   direct      h2load -> backend                          (the limit)
 #   proxy       h2load -> kube-aggregation-proxy -> backend (token auth, identity headers)
 #   nginx       h2load -> nginx (plain TLS reverse proxy) -> backend
+#   haproxy     h2load -> HAProxy (TLS both legs, backend verified, h2 to it) -> backend
 #   kube        h2load -> kube-apiserver's aggregator -> backend (AlwaysAllow, token auth)
 #
 # for HTTP/1.1 and HTTP/2 at concurrency 1, 16 and 64, interleaved, with a bearer token on
@@ -14,7 +15,7 @@
 #
 # Usage: benches/load.sh            (about 7 minutes on 2 cores, plus the build)
 # Knobs (environment): DURATION=5 (seconds per measurement), WARMUP=1, ROUNDS=1,
-#   CONCURRENCY="1 16 64", PROTOCOLS="h1 h2", SETUPS="direct proxy nginx kube",
+#   CONCURRENCY="1 16 64", PROTOCOLS="h1 h2", SETUPS="direct proxy nginx haproxy kube",
 #   CHURN_SECONDS=30, CHURN_RATE=100 (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
 #   KUBE_BIN_DIR=~/.cache/kube-aggregation-proxy/bin (etcd-*, kube-apiserver-* from
 #   tests/e2e/k8s/build.sh; without them the kube column is skipped), OUT=dir, KEEP=1 (keep
@@ -27,7 +28,7 @@ WARMUP=${WARMUP:-1}
 ROUNDS=${ROUNDS:-1}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 PROTOCOLS=${PROTOCOLS:-"h1 h2"}
-SETUPS=${SETUPS:-"direct proxy nginx kube"}
+SETUPS=${SETUPS:-"direct proxy nginx haproxy kube"}
 CHURN_SECONDS=${CHURN_SECONDS:-30}
 CHURN_RATE=${CHURN_RATE:-100}
 CHURN_RPS=${CHURN_RPS:-2000}
@@ -43,20 +44,27 @@ log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
-# Tools: h2load (nghttp2-client), nginx, python3 with matplotlib; installed when missing.
+# Tools: h2load (nghttp2-client), nginx, haproxy, python3 with matplotlib; installed when
+# missing.
 need_apt=()
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+if [[ " $SETUPS " == *" haproxy "* ]]; then
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing ${need_apt[*]} with apt-get"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-    # Debian's postinst may start the packaged nginx service; stop it so it holds no port.
-    if [[ " ${need_apt[*]} " == *" nginx "* ]] && command -v service >/dev/null; then
-        service nginx stop >/dev/null 2>&1 || true
-    fi
+    # Debian's postinst may start the packaged services; stop them so they hold no port.
+    for svc in nginx haproxy; do
+        if [[ " ${need_apt[*]} " == *" $svc "* ]] && command -v service >/dev/null; then
+            service "$svc" stop >/dev/null 2>&1 || true
+        fi
+    done
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 command -v python3 >/dev/null || die "python3 is required"
 python3 -c 'import matplotlib' 2>/dev/null || {
     log "installing matplotlib with pip"
@@ -263,6 +271,36 @@ NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 
 # ---------------------------------------------------------------------------------------------
+# HAProxy, the fastest peer: two threads (one per core, as the proxy's workers), TLS on both
+# legs, the backend's certificate verified against the CA for its service name, HTTP/2 to the
+# backend (as the proxy speaks it), connections reused by every client (`http-reuse always`).
+HAPROXY_PORT=$(free_port)
+HAPROXY_PID=
+if [[ " $SETUPS " == *" haproxy "* ]]; then
+    mkdir -p haproxy
+    cat serving.crt serving.key >haproxy/serving.pem
+    cat >haproxy/haproxy.cfg <<EOF
+global
+    nbthread 2
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:$HAPROXY_PORT ssl crt $WORK/haproxy/serving.pem alpn h2,http/1.1
+    default_backend bench
+backend bench
+    server backend 127.0.0.1:$BACKEND_PORT ssl verify required ca-file $WORK/ca.crt sni str(bench-backend.bench.svc) verifyhost bench-backend.bench.svc alpn h2
+EOF
+    "$HAPROXY" -db -f haproxy/haproxy.cfg >haproxy/stdout.log 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=("$HAPROXY_PID")
+fi
+
+# ---------------------------------------------------------------------------------------------
 # kube-apiserver (with etcd) from the real-cluster harness's binaries, when present.
 ETCD_BIN=$(ls "$KUBE_BIN_DIR"/etcd-* 2>/dev/null | sort | tail -1 || true)
 KUBE_BIN=$(ls "$KUBE_BIN_DIR"/kube-apiserver-* 2>/dev/null | sort | tail -1 || true)
@@ -318,6 +356,7 @@ declare -A URL=(
     [direct]="https://127.0.0.1:$BACKEND_PORT$RESOURCE_PATH"
     [proxy]="https://127.0.0.1:$PROXY_PORT$RESOURCE_PATH"
     [nginx]="https://127.0.0.1:$NGINX_PORT$RESOURCE_PATH"
+    [haproxy]="https://127.0.0.1:$HAPROXY_PORT$RESOURCE_PATH"
     [kube]="${KUBE:-}$RESOURCE_PATH"
 )
 for setup in $SETUPS; do
@@ -329,6 +368,7 @@ target_pids() {
         direct) echo "$BACKEND_PID" ;;
         proxy) echo "$PROXY_PID" ;;
         nginx) with_children "$NGINX_PID" ;;
+        haproxy) echo "$HAPROXY_PID" ;;
         kube) echo "$KUBE_PID" ;;
         scale) echo "$SCALE_PID" ;;
     esac
