@@ -30,6 +30,7 @@ fn table() -> RoutingTable {
                     version_priority: 20 - i as i32,
                     service: Some(service.clone()),
                     policy: Default::default(),
+                    meta: Default::default(),
                 })
             })
         })

@@ -36,6 +36,7 @@ fn apiservices(n: usize) -> Vec<Arc<ApiService>> {
                 version_priority: 15 + (i % 2) as i32,
                 service: Some(service.clone()),
                 policy: Default::default(),
+                meta: Default::default(),
             })
         })
         .collect()

@@ -265,10 +265,24 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     // Our own availability view: probes each remote APIService as kube-aggregator does.
     let availability = Arc::new(Availability::default());
     tasks.spawn(crate::availability::run(table.clone(), probe_settings, availability.clone(), metrics.clone()));
+    // Standalone: `kubectl get apiservices` is answered by the proxy, from the same state.
+    let apiregistration = match &config.source {
+        Source::Files { dir, .. } => {
+            let registry =
+                crate::server::apiregistration::Registry::new(format!("the manifest directory {}", dir.display()));
+            tasks.spawn(registry.clone().run(table.clone(), availability.clone()));
+            Some(registry)
+        }
+        Source::Cluster { .. } => None,
+    };
     // Discovery and OpenAPI are fetched from the backends in the background and served from
     // memory; cluster mode sends kube-apiserver's own documents on `delegate_discovery`.
     let (delegate_discovery, delegate_discovery_rx) = watch::channel(Arc::new(DelegateDiscovery::default()));
-    let fetcher_settings = FetcherSettings { delegate_expected: delegate.is_some(), ..FetcherSettings::default() };
+    let fetcher_settings = FetcherSettings {
+        delegate_expected: delegate.is_some(),
+        serves_apiregistration: matches!(config.source, Source::Files { .. }),
+        ..FetcherSettings::default()
+    };
     let (fetcher, discovery) = Fetcher::new(table.clone(), fetcher_settings, delegate_discovery_rx);
     tasks.spawn(fetcher.run());
     let mut delegate_fetched = None;
@@ -310,6 +324,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         discovery: discovery.clone(),
         has_delegate: delegate.is_some(),
         availability,
+        apiregistration,
     };
     let gateway = Arc::new(Gateway {
         table: table.clone(),

@@ -58,7 +58,7 @@ async fn aggregated_discovery_merges_the_backends_in_priority_order_with_an_etag
     assert_eq!(document["kind"], "APIGroupDiscoveryList");
     assert_eq!(document["apiVersion"], "apidiscovery.k8s.io/v2");
     // echo.example.com has groupPriorityMinimum 1000, metrics.k8s.io 100.
-    assert_eq!(group_names(&document), ["echo.example.com", "metrics.k8s.io"]);
+    assert_eq!(group_names(&document), ["apiregistration.k8s.io", "echo.example.com", "metrics.k8s.io"]);
     let metrics = group(&document, "metrics.k8s.io").unwrap();
     assert_eq!(metrics["versions"][0]["version"], "v1beta1");
     assert_eq!(metrics["versions"][0]["freshness"], "Current");
@@ -117,7 +117,7 @@ async fn a_stopped_backend_stays_listed_as_stale_and_comes_back_current() {
     let metrics = group(&document, "metrics.k8s.io").unwrap();
     assert_eq!(metrics["versions"][0]["resources"][0]["resource"], "nodes");
     assert_eq!(freshness(&document, "echo.example.com").as_deref(), Some("Stale"));
-    assert_eq!(group_names(&document), ["echo.example.com", "metrics.k8s.io"]);
+    assert_eq!(group_names(&document), ["apiregistration.k8s.io", "echo.example.com", "metrics.k8s.io"]);
 
     env.sample = Some(Sample::start(&env.pki, env.sample_addr).await);
     eventually(SETTLE, || async {
@@ -158,7 +158,7 @@ async fn a_slow_backend_does_not_slow_discovery_down() {
     assert_eq!(slow.finished(), 0, "the slow fetch ended before discovery answered");
     assert!(answered < slow.delay, "discovery took {answered:?}, the slow backend's delay is {:?}", slow.delay);
     // Never fetched yet: left out rather than listed empty; the others are served as usual.
-    assert_eq!(group_names(&document), ["echo.example.com", "metrics.k8s.io"]);
+    assert_eq!(group_names(&document), ["apiregistration.k8s.io", "echo.example.com", "metrics.k8s.io"]);
 
     // Once it answers, its group leads (groupPriorityMinimum 2000).
     let document = eventually(SETTLE, || async {
@@ -170,7 +170,7 @@ async fn a_slow_backend_does_not_slow_discovery_down() {
         }
     })
     .await;
-    assert_eq!(group_names(&document), [SLOW_GROUP, "echo.example.com", "metrics.k8s.io"]);
+    assert_eq!(group_names(&document), ["apiregistration.k8s.io", SLOW_GROUP, "echo.example.com", "metrics.k8s.io"]);
     assert_eq!(group(&document, SLOW_GROUP).unwrap()["versions"][0]["resources"][0]["resource"], "widgets");
 }
 

@@ -49,10 +49,11 @@ async fn requests_are_routed_by_group_and_version() {
     assert_eq!(nodes.status, 200, "{}", nodes.text());
     assert_eq!(nodes.json()["kind"], "NodeMetricsList");
 
-    // Discovery lists groups by groupPriorityMinimum: echo (1000) before metrics (100).
+    // Discovery lists groups by groupPriorityMinimum: the proxy's own apiregistration.k8s.io
+    // first, then echo (1000) before metrics (100).
     let apis = admin.get(&env.url("/apis")).await.unwrap().json();
     let groups: Vec<_> = apis["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-    assert_eq!(groups, ["echo.example.com", "metrics.k8s.io"]);
+    assert_eq!(groups, ["apiregistration.k8s.io", "echo.example.com", "metrics.k8s.io"]);
     let group = admin.get(&env.url("/apis/metrics.k8s.io")).await.unwrap().json();
     assert_eq!(group["preferredVersion"]["groupVersion"], "metrics.k8s.io/v1beta1");
 }

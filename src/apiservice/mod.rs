@@ -31,6 +31,15 @@ pub struct ApiService {
     pub service: Option<ServiceReference>,
     /// From the proxy's own annotations; empty unless asked for.
     pub policy: TrafficPolicy,
+    /// The object's labels and annotations as loaded, for the read-only apiregistration API.
+    pub meta: ObjectLabels,
+}
+
+/// An APIService object's labels and annotations, shared (most have none).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ObjectLabels {
+    pub labels: Arc<std::collections::BTreeMap<String, String>>,
+    pub annotations: Arc<std::collections::BTreeMap<String, String>>,
 }
 
 pub const ANNOTATION_MAX_REQUESTS_INFLIGHT: &str = "kube-aggregation-proxy.io/max-requests-inflight";
@@ -154,6 +163,7 @@ pub(crate) mod testing {
                 insecure_skip_tls_verify: true,
             }),
             policy: TrafficPolicy::default(),
+            meta: ObjectLabels::default(),
         }
     }
 }

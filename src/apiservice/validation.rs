@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::{
-    ApiService, ApiServiceObject, ServiceReference, TrafficPolicy, ANNOTATION_BURST,
+    ApiService, ApiServiceObject, ObjectLabels, ServiceReference, TrafficPolicy, ANNOTATION_BURST,
     ANNOTATION_LONG_RUNNING_SUBRESOURCES, ANNOTATION_MAX_REQUESTS_INFLIGHT, ANNOTATION_REQUESTS_PER_SECOND,
     DEFAULT_SERVICE_PORT,
 };
@@ -229,6 +229,10 @@ pub fn validate(object: &ApiServiceObject) -> Result<ApiService, ValidationError
         version_priority: vp,
         service,
         policy,
+        meta: ObjectLabels {
+            labels: Arc::new(object.metadata.labels.clone().unwrap_or_default()),
+            annotations: Arc::new(object.metadata.annotations.clone().unwrap_or_default()),
+        },
     })
 }
 

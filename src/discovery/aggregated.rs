@@ -278,6 +278,41 @@ pub struct VersionEntry {
 /// APIServices (kube-apiserver registers one per built-in group-version and CRD version).
 pub type LocalPriorities = HashMap<(String, String), (i32, i32)>;
 
+/// `apiregistration.k8s.io/v1` as the proxy serves it in standalone mode (read-only
+/// `apiservices`), first in the list as kube-apiserver's is.
+pub fn apiregistration_entry() -> VersionEntry {
+    let kind = GroupVersionKind {
+        group: super::AGGREGATOR_GROUP.to_owned(),
+        version: "v1".to_owned(),
+        kind: "APIService".to_owned(),
+    };
+    VersionEntry {
+        group: super::AGGREGATOR_GROUP.to_owned(),
+        source: Source::Delegate,
+        group_priority_minimum: super::AGGREGATOR_GROUP_PRIORITY,
+        version_priority: 15,
+        discovery: ApiVersionDiscovery {
+            version: "v1".to_owned(),
+            resources: vec![ApiResourceDiscovery {
+                resource: "apiservices".to_owned(),
+                response_kind: Some(kind.clone()),
+                scope: "Cluster".to_owned(),
+                singular_resource: "apiservice".to_owned(),
+                verbs: ["get", "list", "watch"].map(str::to_owned).to_vec(),
+                categories: vec!["api-extensions".to_owned()],
+                subresources: vec![ApiSubresourceDiscovery {
+                    subresource: "status".to_owned(),
+                    response_kind: Some(kind),
+                    verbs: vec!["get".to_owned()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            freshness: "Current".to_owned(),
+        },
+    }
+}
+
 /// Turns the delegate's aggregated `/apis` document into merge inputs, with priorities from
 /// `priorities` or kube's defaults (1000 / 15) for a group-version no local APIService names.
 pub fn delegate_entries(document: &ApiGroupDiscoveryList, priorities: &LocalPriorities) -> Vec<VersionEntry> {

@@ -78,6 +78,9 @@ pub struct FetcherSettings {
     /// document without the built-in groups would hide them from clients, while the legacy
     /// list names them all and clients then read each group-version from its owner.
     pub delegate_expected: bool,
+    /// Standalone: the proxy serves `apiregistration.k8s.io/v1` itself
+    /// (`crate::server::apiregistration`), so its documents list the group.
+    pub serves_apiregistration: bool,
 }
 
 impl Default for FetcherSettings {
@@ -88,6 +91,7 @@ impl Default for FetcherSettings {
             resync_period: DEFAULT_RESYNC_PERIOD,
             table_poll: DEFAULT_TABLE_POLL,
             delegate_expected: false,
+            serves_apiregistration: false,
         }
     }
 }
@@ -688,6 +692,9 @@ impl Fetcher {
         if let Some(apis) = &self.delegate_value.apis {
             entries.extend(aggregated::delegate_entries(apis, &local));
         }
+        if self.settings.serves_apiregistration {
+            entries.push(aggregated::apiregistration_entry());
+        }
         if self.settings.delegate_expected && self.delegate_value.apis.is_none() {
             self.documents.aggregated.store(None);
             return;
@@ -734,6 +741,9 @@ impl Fetcher {
             for (path, (_, bytes)) in &state.v3 {
                 remote.entry(path.clone()).or_insert_with(|| bytes.clone());
             }
+        }
+        if self.settings.serves_apiregistration {
+            remote.insert(openapi::APIREGISTRATION_V3_PATH.to_owned(), Bytes::from_static(openapi::APIREGISTRATION_V3));
         }
         let built = openapi::build_v3(remote, &self.delegate_value.openapi_v3_paths);
         if built.root.hash() != self.documents.openapi_v3.load().root.hash() {

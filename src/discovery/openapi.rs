@@ -34,6 +34,10 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// kube-openapi writes the `/openapi/v3` index without a Content-Type, so Go's sniffing
 /// labels it text: clients see this from kube-apiserver, and so from the proxy.
 pub const CONTENT_TYPE_V3_INDEX: &str = "text/plain; charset=utf-8";
+/// The OpenAPI v3 document of `apiregistration.k8s.io/v1`, which the proxy serves itself in
+/// standalone mode (kubectl's client-side validation of an APIService needs it).
+pub const APIREGISTRATION_V3_PATH: &str = "apis/apiregistration.k8s.io/v1";
+pub const APIREGISTRATION_V3: &[u8] = include_bytes!("apiregistration-openapi-v3.json");
 /// The path every v3 document is served under.
 pub const V3_PREFIX: &str = "/openapi/v3/";
 

@@ -42,6 +42,8 @@ pub struct EndpointState {
     pub has_delegate: bool,
     /// The availability loop's conditions.
     pub availability: Arc<crate::availability::Availability>,
+    /// Standalone mode: the proxy's own read-only `apiregistration.k8s.io/v1`.
+    pub apiregistration: Option<Arc<super::apiregistration::Registry>>,
 }
 
 /// Paths answered before authentication (probes).
@@ -50,7 +52,8 @@ pub fn is_probe(path: &str) -> bool {
 }
 
 pub fn router(state: EndpointState) -> Router {
-    Router::new()
+    let apiregistration = state.apiregistration.clone();
+    let router = Router::new()
         .route("/healthz", get(|uri: Uri| async move { health("healthz", &uri, &[("ping", Ok(()))]) }))
         .route("/livez", get(|uri: Uri| async move { health("livez", &uri, &[("ping", Ok(()))]) }))
         .route("/readyz", get(readyz))
@@ -66,7 +69,11 @@ pub fn router(state: EndpointState) -> Router {
         .route("/openapi/v3", get(openapi_v3))
         .route("/openapi/v3/{*path}", get(openapi_v3_document))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    match apiregistration {
+        Some(registry) => router.merge(super::apiregistration::router(registry)),
+        None => router,
+    }
 }
 
 /// Anything the router has no handler for: kube's NotFound Status, never a bare 404.
@@ -117,7 +124,9 @@ async fn apis(State(state): State<EndpointState>, headers: HeaderMap) -> Respons
 
 async fn apis_legacy(State(state): State<EndpointState>) -> Response {
     let list = discovery::api_group_list(&state.table.load());
-    Json(if state.has_delegate { discovery::with_aggregator_group(list) } else { list }).into_response()
+    // apiregistration.k8s.io is always served: by kube-apiserver behind the proxy, or by the
+    // proxy itself in standalone mode.
+    Json(discovery::with_aggregator_group(list)).into_response()
 }
 
 async fn openapi_v2(State(state): State<EndpointState>, headers: HeaderMap) -> Response {

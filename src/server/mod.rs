@@ -5,6 +5,7 @@
 //! Each connection's peer certificates and address are read once after the handshake and
 //! handed to every request on it, so authentication never touches the TLS state again.
 
+pub mod apiregistration;
 pub mod connection;
 pub mod endpoints;
 pub mod flow;

@@ -379,6 +379,13 @@ fn decide(
     };
     match classify(path) {
         ApiPath::Apis { .. } => Ok(Decision::Own),
+        // Standalone: the proxy serves its own apiregistration.k8s.io (read-only).
+        ApiPath::Group(super::apiregistration::GROUP)
+        | ApiPath::GroupVersion { group: super::apiregistration::GROUP, .. }
+            if !has_delegate =>
+        {
+            Ok(Decision::Own)
+        }
         ApiPath::Group(group) => match table.group(group) {
             Some(_) => Ok(Decision::Own),
             None => otherwise(format!("no APIService serves group {group:?}")),
@@ -398,6 +405,10 @@ fn decide(
             // group-versions are ours (crate::discovery::openapi); the delegate's own v3
             // documents are forwarded to it.
             "/openapi/v2" | "/openapi/v3" => Ok(Decision::Own),
+            _ if path.strip_prefix("/openapi/v3/").is_some_and(|d| !has_delegate && has_v3_document(d)) => {
+                // Standalone: documents the proxy holds of its own (apiregistration.k8s.io).
+                Ok(Decision::Own)
+            }
             _ => match openapi_v3_remote(table, path) {
                 Some((document, _)) if has_v3_document(document) => Ok(Decision::Own),
                 // Not fetched (yet, or the last fetch failed): the backend answers for itself
