@@ -5,18 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::RootCertStore;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::auth::authorization::{Authorization, SubjectAccessReviewer};
 use crate::auth::delegating;
-use crate::auth::identity::IdentityHeaderNames;
-use crate::auth::requestheader::RequestHeaderAuthenticator;
 use crate::auth::tokenreview::TokenReviewAuthenticator;
-use crate::auth::x509::ClientCertAuthenticator;
-use crate::auth::{AuthChain, Authenticator};
 use crate::availability::Availability;
 use crate::backend::{Backend, BackendTls, Backends};
 use crate::config::{Config, Delegate, Source};
@@ -26,6 +21,7 @@ use crate::pki;
 use crate::proxy::ForwardSettings;
 use crate::routing::writer::{self, SharedTable};
 use crate::routing::{RoutingTable, StaticResolver};
+use crate::server::credentials::{self, ReloadStatus, SharedFrontEnd, SharedReloadStatus};
 use crate::server::endpoints::{self, EndpointState, SharedRejections};
 use crate::server::pipeline::DelegateTarget;
 use crate::server::{self, Gateway};
@@ -147,35 +143,6 @@ fn delegate_from_kubeconfig(kube_config: &kube::Config) -> Result<Delegate, AppE
     Ok(Delegate { authority, ca_bundle, server_name: host.trim_matches(['[', ']']).to_owned() })
 }
 
-fn auth_chain(config: &Config) -> (AuthChain, IdentityHeaderNames) {
-    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
-    let mut names = IdentityHeaderNames::default();
-    if let Some(rh) = &config.requestheader {
-        names = IdentityHeaderNames::new(
-            rh.username_headers.iter().chain(&rh.uid_headers).chain(&rh.group_headers).map(String::as_str),
-            rh.extra_headers_prefix.iter().map(String::as_str),
-        );
-        authenticators.push(Arc::new(RequestHeaderAuthenticator::new(rh.clone())));
-    }
-    if let Some(ca) = &config.client_ca {
-        authenticators.push(Arc::new(ClientCertAuthenticator::new(ca.clone())));
-    }
-    if let Some(tokens) = &config.token_file {
-        authenticators.push(Arc::new(tokens.clone()));
-    }
-    (AuthChain::new(authenticators, config.anonymous_auth), names)
-}
-
-/// Every CA a client certificate may come from, so the TLS layer asks for one.
-fn client_roots(config: &Config) -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    let verifiers = config.client_ca.iter().chain(config.requestheader.as_ref().map(|rh| &rh.verifier));
-    for verifier in verifiers {
-        roots.roots.extend(verifier.roots().roots.iter().cloned());
-    }
-    roots
-}
-
 /// Starts the proxy described by `config` and returns once it is listening (not yet ready:
 /// see [`RunningApp::ready`]).
 pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
@@ -187,7 +154,8 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         Source::Cluster { kubeconfig } => Some(connect(kubeconfig.as_deref()).await?),
         Source::Files { .. } => None,
     };
-    let mut token_reviewer = None;
+    // What the cluster provides where flags give nothing, kept for credential reloads.
+    let mut provided = credentials::Provided::default();
     let mut reviewer = None;
     if let Some((client, kube_config)) = &cluster {
         if config.delegate.is_none() {
@@ -196,25 +164,28 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         if config.client_ca.is_none() || config.requestheader.is_none() {
             match delegating::load(client.clone()).await {
                 Ok(found) => {
-                    config.client_ca = config.client_ca.take().or(found.client_ca);
-                    config.requestheader = config.requestheader.take().or(found.requestheader);
+                    provided.client_ca = found.client_ca;
+                    provided.requestheader = found.requestheader;
                 }
                 Err(e) => tracing::warn!(error = %e, "cluster authentication settings unavailable; using flags only"),
             }
         }
-        token_reviewer = Some(Arc::new(TokenReviewAuthenticator::new(client.clone(), config.token_review_cache_ttl)));
+        provided.token_reviewer =
+            Some(Arc::new(TokenReviewAuthenticator::new(client.clone(), config.token_review_cache_ttl)));
         reviewer = Some(SubjectAccessReviewer::new(client.clone(), config.authorization.ttls));
     }
-    let (serving, generated_serving_ca) = match &config.serving {
-        Some(s) => (s.clone(), None),
+    let generated_serving_ca = match &config.serving {
+        Some(_) => None,
         None => {
             let pair = pki::self_signed_localhost().map_err(|e| AppError::Serving(e.to_string()))?;
             let ca = pair.cert_pem.split_inclusive("-----END CERTIFICATE-----").nth(1).map(|s| s.trim().to_owned());
-            (pair.certified_key().map_err(|e| AppError::Serving(e.to_string()))?, ca)
+            provided.generated_serving = Some(pair.certified_key().map_err(|e| AppError::Serving(e.to_string()))?);
+            ca
         }
     };
-    let tls_config =
-        tls::server_config(&serving, Some(client_roots(&config))).map_err(|e| AppError::Serving(e.to_string()))?;
+    let front: SharedFrontEnd =
+        Arc::new(ArcSwap::from_pointee(credentials::build(&config, &provided).map_err(AppError::Serving)?));
+    let credentials_status: SharedReloadStatus = Arc::new(ArcSwap::from_pointee(ReloadStatus::loaded()));
 
     let backend_settings = config.backend.clone();
     let delegate = match &config.delegate {
@@ -312,10 +283,18 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         std::future::pending::<()>().await;
     });
 
-    let (mut auth, identity_headers) = auth_chain(&config);
-    if let Some(reviewer) = token_reviewer {
-        auth = auth.with_token_reviewer(reviewer);
-    }
+    // Credentials are reloaded when their files change or on SIGHUP.
+    tasks.spawn(
+        credentials::Reloader {
+            settings: config.settings.clone(),
+            provided,
+            front: front.clone(),
+            proxy_client_cert: config.backend.proxy_client_cert.clone(),
+            status: credentials_status.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(),
+    );
     let endpoint_state = EndpointState {
         table: table.clone(),
         metrics: metrics.clone(),
@@ -325,11 +304,11 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         has_delegate: delegate.is_some(),
         availability,
         apiregistration,
+        credentials: credentials_status,
     };
     let gateway = Arc::new(Gateway {
         table: table.clone(),
-        auth,
-        identity_headers,
+        front,
         forward: ForwardSettings {
             reject_forwarding_redirects: config.reject_forwarding_redirects,
             ..ForwardSettings::default()
@@ -350,7 +329,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    tasks.spawn(server::serve(listener, Arc::new(tls_config), gateway, config.frontend.clone(), async {
+    tasks.spawn(server::serve(listener, gateway, config.frontend.clone(), async {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%local_addr, "serving");

@@ -299,6 +299,8 @@ pub enum Source {
 
 /// The validated configuration.
 pub struct Config {
+    /// What this was validated from: credential reloads validate it again.
+    pub settings: Settings,
     pub listen: SocketAddr,
     /// `None`: generate a self-signed certificate at start.
     pub serving: Option<CertifiedKey>,
@@ -353,6 +355,7 @@ impl Settings {
 
     /// Validates and loads everything, collecting every problem.
     pub fn validate(self) -> Result<Config, ConfigError> {
+        let settings = self.clone();
         let mut errors = Vec::new();
         let mut check = |key: &str, r: Result<(), String>| {
             if let Err(e) = r {
@@ -512,7 +515,8 @@ impl Settings {
         };
         let backend_defaults = BackendSettings::default();
         let backend = BackendSettings {
-            proxy_client_cert: proxy_client_cert.clone(),
+            proxy_client_cert: crate::tls::ProxyClientCert::new(proxy_client_cert.as_ref())
+                .map_err(|e| ConfigError(vec![format!("proxy-client-key-file: {e}")]))?,
             connect_timeout: duration(
                 "backend-connect-timeout",
                 &self.backend_connect_timeout,
@@ -597,6 +601,7 @@ impl Settings {
             return Err(ConfigError(errors));
         }
         Ok(Config {
+            settings,
             listen: SocketAddr::new(
                 self.bind_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 self.secure_port.unwrap_or(DEFAULT_SECURE_PORT),

@@ -119,6 +119,7 @@ pub struct Metrics {
     inflight_rejections: Family<RequestKindLabels, Counter>,
     manifest_rejections: Family<ReasonLabels, Counter>,
     authorization: Family<DecisionLabels, Counter>,
+    credentials_reloads: Family<ResultLabels, Counter>,
     backend_connections: Family<EndpointLabels, Gauge>,
     backend_in_flight: Family<EndpointLabels, Gauge>,
     backend_connections_closed: Family<EndpointReasonLabels, Counter>,
@@ -235,6 +236,12 @@ impl Metrics {
             "Authorization decisions (impersonation, own endpoints, aggregated requests) by decision and source",
             authorization.clone(),
         );
+        let credentials_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "aggregator_credentials_reloads",
+            "Reloads of the serving certificate, client CAs, token file and proxy client certificate, by result",
+            credentials_reloads.clone(),
+        );
         let manifest_rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "aggregator_manifest_rejections",
@@ -314,6 +321,7 @@ impl Metrics {
             inflight_rejections,
             manifest_rejections,
             authorization,
+            credentials_reloads,
             backend_connections,
             backend_in_flight,
             backend_connections_closed,
@@ -444,6 +452,11 @@ impl Metrics {
 
     pub fn authorization(&self, decision: &'static str, source: &'static str) {
         self.authorization.get_or_create(&DecisionLabels { decision, source }).inc();
+    }
+
+    pub fn credentials_reloaded(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.credentials_reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn authentication(&self, success: bool) {

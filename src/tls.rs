@@ -74,6 +74,66 @@ impl std::fmt::Debug for CertifiedKey {
     }
 }
 
+/// The proxy client certificate, swappable: every backend TLS configuration resolves it at
+/// each handshake, so a rotated certificate is presented on every new backend connection while
+/// the ones already open keep theirs.
+#[derive(Clone, Default)]
+pub struct ProxyClientCert {
+    current: Arc<arc_swap::ArcSwapOption<rustls::sign::CertifiedKey>>,
+    /// The leaf, for messages (its CN) without parsing the signing key again.
+    leaf: Arc<arc_swap::ArcSwapOption<CertificateDer<'static>>>,
+}
+
+impl std::fmt::Debug for ProxyClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyClientCert").field("set", &self.current.load().is_some()).finish()
+    }
+}
+
+impl ProxyClientCert {
+    pub fn new(cert: Option<&CertifiedKey>) -> Result<Self, TlsError> {
+        let this = Self::default();
+        this.replace(cert)?;
+        Ok(this)
+    }
+
+    /// Presents `cert` (or none) on connections made from now on.
+    pub fn replace(&self, cert: Option<&CertifiedKey>) -> Result<(), TlsError> {
+        let signed = match cert {
+            None => None,
+            Some(c) => {
+                let key = crypto_provider()
+                    .key_provider
+                    .load_private_key(c.key.clone_key())
+                    .map_err(|e| TlsError::Invalid { what: "proxy client key".into(), reason: e.to_string() })?;
+                Some(Arc::new(rustls::sign::CertifiedKey::new(c.chain.clone(), key)))
+            }
+        };
+        self.leaf.store(cert.and_then(|c| c.chain.first().cloned()).map(Arc::new));
+        self.current.store(signed);
+        Ok(())
+    }
+
+    /// The certificate presented now, leaf first.
+    pub fn leaf(&self) -> Option<Arc<CertificateDer<'static>>> {
+        self.leaf.load_full()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ProxyClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
 impl CertifiedKey {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         Self::from_pem(&read(cert)?, &read(key)?, &cert.display().to_string())

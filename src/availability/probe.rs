@@ -165,7 +165,7 @@ pub async fn check(
     report.step("resolve", true, format!("{} endpoint(s)", targets.len()));
     let tls = BackendTls::for_service(service);
     let server_name = tls.server_name.clone();
-    let config = match client_tls_config(&tls, settings.proxy_client_cert.as_ref()) {
+    let config = match client_tls_config(&tls, &settings.proxy_client_cert) {
         Ok(c) => c,
         Err(e) => {
             report.step("tls-config", false, e.to_string());
@@ -179,9 +179,8 @@ pub async fn check(
     };
     let cn = settings
         .proxy_client_cert
-        .as_ref()
-        .and_then(|c| c.chain.first())
-        .and_then(|leaf| crate::auth::x509::subject(leaf).ok())
+        .leaf()
+        .and_then(|leaf| crate::auth::x509::subject(&leaf).ok())
         .map(|s| s.common_name)
         .unwrap_or_else(|| "<none: no proxy client certificate configured>".into());
     let path = discovery_path(apiservice);

@@ -35,7 +35,7 @@ pub use error::BackendError;
 pub use tls::{BackendTls, TransportError};
 
 use crate::metrics::Metrics;
-use crate::tls::{CertifiedKey, ALPN_H2, ALPN_HTTP11};
+use crate::tls::{ProxyClientCert, ALPN_H2, ALPN_HTTP11};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -54,7 +54,7 @@ pub const DEFAULT_HTTP2_MAX_STREAMS: usize = 100;
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
     /// Presented to backends (`--proxy-client-cert-file` / `--proxy-client-key-file`).
-    pub proxy_client_cert: Option<CertifiedKey>,
+    pub proxy_client_cert: ProxyClientCert,
     /// `--backend-connect-timeout`: TCP and TLS.
     pub connect_timeout: Duration,
     /// `--backend-idle-timeout`: an unused connection is closed after this.
@@ -75,7 +75,7 @@ pub struct BackendSettings {
 impl Default for BackendSettings {
     fn default() -> Self {
         Self {
-            proxy_client_cert: None,
+            proxy_client_cert: ProxyClientCert::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             http2_ping_interval: DEFAULT_HTTP2_PING_INTERVAL,
@@ -129,7 +129,7 @@ impl Backend {
         settings: Arc<BackendSettings>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
-        let mut config = tls::client_tls_config(tls, settings.proxy_client_cert.as_ref())?;
+        let mut config = tls::client_tls_config(tls, &settings.proxy_client_cert)?;
         let mut http1 = config.clone();
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         http1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];

@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::apiservice::ServiceReference;
-use crate::tls::{self, CertifiedKey};
+use crate::tls::{self, ProxyClientCert};
 
 /// How to trust one backend.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,7 +44,7 @@ pub struct TransportError {
 /// left to the caller.
 pub fn client_tls_config(
     tls: &BackendTls,
-    proxy_client_cert: Option<&CertifiedKey>,
+    proxy_client_cert: &ProxyClientCert,
 ) -> Result<ClientConfig, TransportError> {
     let provider = tls::crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -55,13 +55,8 @@ pub fn client_tls_config(
     } else {
         builder.with_root_certificates(root_store(&tls.ca_bundle)?)
     };
-    let config = match proxy_client_cert {
-        Some(cert) => builder
-            .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
-            .map_err(|e| TransportError { field: "proxy client certificate", reason: e.to_string() })?,
-        None => builder.with_no_client_auth(),
-    };
-    Ok(config)
+    // Resolved at each handshake: a reloaded certificate is used by the next connection.
+    Ok(builder.with_client_cert_resolver(Arc::new(proxy_client_cert.clone())))
 }
 
 fn root_store(ca_bundle: &[u8]) -> Result<RootCertStore, TransportError> {

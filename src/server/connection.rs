@@ -52,7 +52,6 @@ pub enum ServerState {
 
 /// What every connection shares.
 pub struct ConnectionContext {
-    pub acceptor: TlsAcceptor,
     pub gateway: Arc<Gateway>,
     pub settings: FrontendSettings,
     pub metrics: Arc<Metrics>,
@@ -61,7 +60,7 @@ pub struct ConnectionContext {
 }
 
 impl ConnectionContext {
-    pub fn new(acceptor: TlsAcceptor, gateway: Arc<Gateway>, settings: FrontendSettings) -> Self {
+    pub fn new(gateway: Arc<Gateway>, settings: FrontendSettings) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1.timer(TokioTimer::new()).header_read_timeout(settings.request_header_timeout).keep_alive(true);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -71,7 +70,7 @@ impl ConnectionContext {
             .keep_alive_interval(settings.http2_keepalive_interval)
             .keep_alive_timeout(settings.http2_keepalive_timeout);
         let metrics = gateway.metrics.clone();
-        Self { acceptor, gateway, settings, metrics, http1, http2 }
+        Self { gateway, settings, metrics, http1, http2 }
     }
 }
 
@@ -150,7 +149,9 @@ pub async fn serve(
     let _permit = permit;
     let _open = ctx.metrics.open_connection();
     let _ = stream.set_nodelay(true);
-    let handshake = tokio::time::timeout(ctx.settings.tls_handshake_timeout, ctx.acceptor.accept(stream));
+    // The credentials in force now (they are reloaded when their files change).
+    let acceptor = TlsAcceptor::from(ctx.gateway.front.load().tls.clone());
+    let handshake = tokio::time::timeout(ctx.settings.tls_handshake_timeout, acceptor.accept(stream));
     let tls = tokio::select! {
         result = handshake => match result {
             Ok(Ok(tls)) => tls,

@@ -44,6 +44,8 @@ pub struct EndpointState {
     pub availability: Arc<crate::availability::Availability>,
     /// Standalone mode: the proxy's own read-only `apiregistration.k8s.io/v1`.
     pub apiregistration: Option<Arc<super::apiregistration::Registry>>,
+    /// The last credential reload, and why the newest files are not in use, if they are not.
+    pub credentials: super::credentials::SharedReloadStatus,
 }
 
 /// Paths answered before authentication (probes).
@@ -219,6 +221,7 @@ async fn debug_apiservices(State(state): State<EndpointState>) -> Response {
         "generation": table.generation,
         "apiservices": views,
         "rejected": **state.rejections.load(),
+        "credentials": **state.credentials.load(),
     }))
     .into_response()
 }

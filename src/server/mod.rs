@@ -7,6 +7,7 @@
 
 pub mod apiregistration;
 pub mod connection;
+pub mod credentials;
 pub mod endpoints;
 pub mod flow;
 pub mod limits;
@@ -19,11 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 use connection::{ConnectionContext, ServerState};
 use listener::{AcceptBackoff, ConnectionLimits, LogThrottle};
@@ -91,7 +90,6 @@ pub struct ConnectionInfo {
 /// Serves `gateway` on `listener` until `shutdown` completes, then drains connections.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
     gateway: Arc<Gateway>,
     settings: FrontendSettings,
     shutdown: impl Future<Output = ()>,
@@ -103,7 +101,7 @@ pub async fn serve(
     );
     let metrics = gateway.metrics.clone();
     metrics.set_max_connections(limits.max_connections());
-    let ctx = Arc::new(ConnectionContext::new(TlsAcceptor::from(tls), gateway, settings));
+    let ctx = Arc::new(ConnectionContext::new(gateway, settings));
     let (state_tx, state) = watch::channel(ServerState::Serving);
     let refused_log = LogThrottle::per_second();
     let accept_log = LogThrottle::per_second();

@@ -28,15 +28,15 @@ use hyper::body::Incoming;
 use tower::ServiceExt;
 
 use super::connection::{ActivityGuard, GuardedBody};
+use super::credentials::SharedFrontEnd;
 use super::endpoints;
 use super::flow::FlowControl;
 use super::limits::{RequestClass, RequestLimits};
 use super::request_info::RequestInfo;
 use super::ConnectionInfo;
 use crate::auth::authorization::Authorization;
-use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::impersonation::{self, Impersonation};
-use crate::auth::{AuthChain, Credentials, UserInfo};
+use crate::auth::{Credentials, UserInfo};
 use crate::backend::{Endpoints, SendOptions};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Caller, ForwardSettings, Target, HEADER_AUDIT_ID};
@@ -54,8 +54,8 @@ pub struct DelegateTarget {
 /// Everything the request path needs, shared by all connections.
 pub struct Gateway {
     pub table: SharedTable,
-    pub auth: AuthChain,
-    pub identity_headers: IdentityHeaderNames,
+    /// The TLS configuration and authenticators in force (reloaded when their files change).
+    pub front: SharedFrontEnd,
     pub forward: ForwardSettings,
     pub delegate: Option<DelegateTarget>,
     pub metrics: Arc<Metrics>,
@@ -219,14 +219,15 @@ impl Gateway {
         conn: &ConnectionInfo,
         request: &mut Request<Incoming>,
     ) -> Result<(UserInfo, Option<Impersonation>), RequestError> {
+        let front = self.front.load_full();
         let credentials = Credentials { peer_certificates: &conn.peer_certificates, headers: request.headers() };
-        let result = self.auth.authenticate(credentials).await;
+        let result = front.auth.authenticate(credentials).await;
         self.metrics.authentication(result.is_ok());
         let user = result.inspect_err(|e| {
             tracing::info!(remote = %conn.remote_addr, path = request.uri().path(), reason = %e, "unauthorized");
         })?;
         let impersonation = impersonation::parse(request.headers())?;
-        self.identity_headers.strip(request.headers_mut());
+        front.identity_headers.strip(request.headers_mut());
         Ok((user, impersonation))
     }
 
