@@ -217,6 +217,11 @@ impl Cluster {
         kubectl::run(&self.binaries.kubectl, &self.kubeconfig, args, None)
     }
 
+    /// Runs kubectl as admin with `input` on its stdin.
+    pub fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<KubectlOutput, String> {
+        kubectl::run(&self.binaries.kubectl, &self.kubeconfig, args, Some(input))
+    }
+
     /// Runs kubectl with another kubeconfig (for example a [`User`]'s).
     pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<KubectlOutput, String> {
         kubectl::run(&self.binaries.kubectl, kubeconfig, args, None)
