@@ -283,6 +283,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         std::future::pending::<()>().await;
     });
 
+    let (lifecycle_tx, lifecycle) = watch::channel(server::Lifecycle::Serving);
     // Credentials are reloaded when their files change or on SIGHUP.
     tasks.spawn(
         credentials::Reloader {
@@ -305,6 +306,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         availability,
         apiregistration,
         credentials: credentials_status,
+        lifecycle: lifecycle.clone(),
     };
     let gateway = Arc::new(Gateway {
         table: table.clone(),
@@ -324,12 +326,15 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         limits: crate::server::limits::RequestLimits::new(config.request_limits.clone()),
         flow: crate::server::flow::FlowControl::new(config.flow),
         documents: discovery.clone(),
+        lifecycle,
+        send_retry_after: config.frontend.shutdown_send_retry_after,
+        watch_grace: config.frontend.shutdown_watch_termination_grace_period,
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    tasks.spawn(server::serve(listener, gateway, config.frontend.clone(), async {
+    tasks.spawn(server::serve(listener, gateway, config.frontend.clone(), lifecycle_tx, async {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%local_addr, "serving");

@@ -166,6 +166,21 @@ pub struct Settings {
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub impersonation_allowed_groups: Option<Vec<String>>,
+    /// After SIGTERM, keep serving this long with `/readyz` failing, so endpoints and load
+    /// balancers stop sending traffic first [default: 0s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_delay_duration: Option<String>,
+    /// While draining, answer new requests 429 with `Retry-After` (and close HTTP/1.1
+    /// connections) instead of serving them [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_send_retry_after: Option<bool>,
+    /// While draining, end open watches cleanly at random times within this, so clients relist
+    /// gradually [default: 0s: at once].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_watch_termination_grace_period: Option<String>,
     /// How long an idle backend connection is kept [default: 90s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -499,6 +514,17 @@ impl Settings {
                 Source::Cluster { kubeconfig: self.kubeconfig.clone() }
             }
         };
+        // Durations where 0 is meaningful (and the default).
+        let mut zero_or_more = |key: &str, value: &Option<String>| match value {
+            None => Duration::ZERO,
+            Some(v) => humantime::parse_duration(v).unwrap_or_else(|e| {
+                check(key, Err(format!("{v:?}: {e}")));
+                Duration::ZERO
+            }),
+        };
+        let shutdown_delay = zero_or_more("shutdown-delay-duration", &self.shutdown_delay_duration);
+        let shutdown_watch_grace =
+            zero_or_more("shutdown-watch-termination-grace-period", &self.shutdown_watch_termination_grace_period);
         let mut duration = |key: &str, value: &Option<String>, default: Duration| match value {
             None => default,
             Some(v) => match humantime::parse_duration(v) {
@@ -564,6 +590,7 @@ impl Settings {
             },
         };
         let frontend_defaults = FrontendSettings::default();
+
         let frontend = FrontendSettings {
             tls_handshake_timeout: duration(
                 "tls-handshake-timeout",
@@ -580,6 +607,9 @@ impl Settings {
                 &self.idle_connection_timeout,
                 frontend_defaults.idle_connection_timeout,
             ),
+            shutdown_delay,
+            shutdown_send_retry_after: self.shutdown_send_retry_after.unwrap_or(false),
+            shutdown_watch_termination_grace_period: shutdown_watch_grace,
             max_connections: self.max_connections.unwrap_or(frontend_defaults.max_connections),
             max_connections_per_client: self
                 .max_connections_per_client

@@ -157,6 +157,10 @@ pub enum RequestError {
     /// The APIService's own flow control (annotations or `--apiservice-*`) said no.
     #[error("APIService {apiservice:?}: {refusal}")]
     ApiServiceTooManyRequests { apiservice: String, refusal: crate::server::flow::FlowRefusal },
+    /// The server is draining and `--shutdown-send-retry-after` asks new requests to go
+    /// elsewhere; kube's words.
+    #[error("The apiserver is shutting down, please try again later.")]
+    ShuttingDown,
     /// `--max-requests-inflight` / `--max-mutating-requests-inflight` were full.
     #[error("Too many requests, please try again later.")]
     TooManyRequests,
@@ -188,6 +192,7 @@ impl RequestError {
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyRequests | Self::ApiServiceTooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::IdentityNotRepresentable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ShuttingDown => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -220,6 +225,8 @@ impl RequestError {
             Self::BadRequest(message) => Status::failure(code, "BadRequest", message.clone()),
             Self::Timeout => Status::failure(code, "Timeout", self.to_string()).with_details(StatusDetails::default()),
             // kube answers these in plain text; the Status keeps its code, words and Retry-After.
+            Self::ShuttingDown => Status::failure(code, "TooManyRequests", self.to_string())
+                .with_details(StatusDetails { retry_after_seconds: Some(5), ..Default::default() }),
             Self::TooManyRequests => Status::failure(code, "TooManyRequests", self.to_string())
                 .with_details(StatusDetails { retry_after_seconds: Some(1), ..Default::default() }),
             Self::ApiServiceTooManyRequests { refusal, .. } => {

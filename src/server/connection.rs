@@ -291,7 +291,38 @@ pub struct GuardedBody {
     /// Armed only when the body first has to wait: a response that is ready at once (most
     /// are) costs no timer.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A long-running response ends cleanly when the server drains (see [`CloseOnDrain`]).
+    close_on_drain: Option<CloseOnDrain>,
     _guards: (ActivityGuard, [Option<tokio::sync::OwnedSemaphorePermit>; 2]),
+}
+
+/// When the server drains, a watch (or any long-running response) is ended cleanly, at a
+/// random moment within `--shutdown-watch-termination-grace-period`, so its client sees an
+/// orderly end of stream and relists, and a thousand clients do not relist at once.
+pub struct CloseOnDrain {
+    lifecycle: watch::Receiver<super::Lifecycle>,
+    grace: Duration,
+    /// Made when the body first waits, so a response that never waits costs nothing.
+    closing: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+}
+
+impl CloseOnDrain {
+    pub fn new(lifecycle: watch::Receiver<super::Lifecycle>, grace: Duration) -> Self {
+        Self { lifecycle, grace, closing: None }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let closing = self.closing.get_or_insert_with(|| {
+            let (mut lifecycle, grace) = (self.lifecycle.clone(), self.grace);
+            Box::pin(async move {
+                if lifecycle.wait_for(|l| *l == super::Lifecycle::Draining).await.is_err() {
+                    return std::future::pending().await;
+                }
+                tokio::time::sleep(grace.mul_f64(rand::random::<f64>())).await;
+            })
+        });
+        closing.as_mut().poll(cx)
+    }
 }
 
 impl GuardedBody {
@@ -300,8 +331,9 @@ impl GuardedBody {
         activity: ActivityGuard,
         permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
         deadline: Option<tokio::time::Instant>,
+        close_on_drain: Option<CloseOnDrain>,
     ) -> Self {
-        Self { inner, deadline, timer: None, _guards: (activity, permits) }
+        Self { inner, deadline, timer: None, close_on_drain, _guards: (activity, permits) }
     }
 }
 
@@ -322,6 +354,14 @@ impl http_body::Body for GuardedBody {
                 return Poll::Ready(Some(Err(axum::Error::new(BodyDeadlineExceeded))));
             }
             return Poll::Ready(frame);
+        }
+        if let Some(close) = &mut this.close_on_drain {
+            if close.poll(cx).is_ready() {
+                // The end of the body: a clean end of stream, not a reset.
+                this.close_on_drain = None;
+                this.inner = Body::empty();
+                return Poll::Ready(None);
+            }
         }
         let Some(deadline) = this.deadline else { return Poll::Pending };
         let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

@@ -46,6 +46,8 @@ pub struct EndpointState {
     pub apiregistration: Option<Arc<super::apiregistration::Registry>>,
     /// The last credential reload, and why the newest files are not in use, if they are not.
     pub credentials: super::credentials::SharedReloadStatus,
+    /// Graceful termination: `/readyz` fails as soon as it begins.
+    pub lifecycle: watch::Receiver<super::Lifecycle>,
 }
 
 /// Paths answered before authentication (probes).
@@ -56,8 +58,8 @@ pub fn is_probe(path: &str) -> bool {
 pub fn router(state: EndpointState) -> Router {
     let apiregistration = state.apiregistration.clone();
     let router = Router::new()
-        .route("/healthz", get(|uri: Uri| async move { health("healthz", &uri, &[("ping", Ok(()))]) }))
-        .route("/livez", get(|uri: Uri| async move { health("livez", &uri, &[("ping", Ok(()))]) }))
+        .route("/healthz", get(|uri: Uri| async move { health("healthz", &uri, &[("ping", Ok(()))], Vec::new) }))
+        .route("/livez", get(|uri: Uri| async move { health("livez", &uri, &[("ping", Ok(()))], Vec::new) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/apis", get(apis))
@@ -89,7 +91,13 @@ async fn not_found(uri: Uri) -> Response {
 
 /// kube's health output: `ok`, or with `?verbose` a `[+]name ok` line per check and
 /// `<endpoint> check passed`; a failing check is `[-]name failed: <why>` and the answer 503.
-fn health(endpoint: &str, uri: &Uri, checks: &[(&str, Result<(), &str>)]) -> Response {
+/// `informational` lines are printed with `?verbose` but never change the answer.
+fn health(
+    endpoint: &str,
+    uri: &Uri,
+    checks: &[(&str, Result<(), &str>)],
+    informational: impl FnOnce() -> Vec<String>,
+) -> Response {
     let passed = checks.iter().all(|(_, r)| r.is_ok());
     let verbose = uri.query().is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose=")));
     let code = if passed { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -103,13 +111,41 @@ fn health(endpoint: &str, uri: &Uri, checks: &[(&str, Result<(), &str>)]) -> Res
             Err(why) => body.push_str(&format!("[-]{name} failed: {why}\n")),
         }
     }
+    for line in informational() {
+        body.push_str(&line);
+        body.push('\n');
+    }
     body.push_str(&format!("{endpoint} check {}\n", if passed { "passed" } else { "failed" }));
     (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 async fn readyz(State(state): State<EndpointState>, uri: Uri) -> Response {
     let table = if *state.ready.borrow() { Ok(()) } else { Err("routing table and discovery not built yet") };
-    health("readyz", &uri, &[("ping", Ok(())), ("routing-table", table)])
+    let serving = if *state.lifecycle.borrow() == super::Lifecycle::Serving {
+        Ok(())
+    } else {
+        Err("the server is shutting down")
+    };
+    // Each APIService's availability, for people reading the probe: one dead extension server
+    // must not take every replica out of rotation, so these never fail readiness.
+    let informational = || {
+        let table = state.table.load();
+        let routes = table.groups().iter().flat_map(|g| g.versions.iter());
+        routes
+            .map(|route| {
+                let name = &route.apiservice.name;
+                match state.availability.condition(name) {
+                    Some(c) if c.status == "True" => format!("[+]informational/apiservice/{name} available"),
+                    Some(c) => format!(
+                        "[-]informational/apiservice/{name} unavailable ({:?}): {} (does not affect readiness)",
+                        c.reason, c.message
+                    ),
+                    None => format!("[-]informational/apiservice/{name} not checked yet (does not affect readiness)"),
+                }
+            })
+            .collect()
+    };
+    health("readyz", &uri, &[("ping", Ok(())), ("routing-table", table), ("shutdown", serving)], informational)
 }
 
 async fn metrics(State(state): State<EndpointState>) -> Response {

@@ -63,6 +63,25 @@ pub struct FrontendSettings {
     /// the answer before the connection is closed.
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
+    /// `--shutdown-delay-duration`: after SIGTERM, `/readyz` fails at once but requests are
+    /// served this long, so endpoints controllers and load balancers take the replica out.
+    pub shutdown_delay: Duration,
+    /// `--shutdown-send-retry-after`: while draining, a request that still arrives gets 429
+    /// with `Retry-After` (and `Connection: close` on HTTP/1.1) instead of being served.
+    pub shutdown_send_retry_after: bool,
+    /// `--shutdown-watch-termination-grace-period`: open watches are ended cleanly at random
+    /// times within this, so their clients relist gradually rather than all at once.
+    pub shutdown_watch_termination_grace_period: Duration,
+}
+
+/// Where the server is in kube-apiserver's graceful termination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Serving,
+    /// SIGTERM arrived: `/readyz` fails, requests are still served (the shutdown delay).
+    ShuttingDown,
+    /// No new connections; open ones finish what is in flight and close.
+    Draining,
 }
 
 impl Default for FrontendSettings {
@@ -76,6 +95,9 @@ impl Default for FrontendSettings {
             http2_max_streams_per_connection: DEFAULT_HTTP2_MAX_STREAMS_PER_CONNECTION,
             http2_keepalive_interval: DEFAULT_HTTP2_KEEPALIVE_INTERVAL,
             http2_keepalive_timeout: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
+            shutdown_delay: Duration::ZERO,
+            shutdown_send_retry_after: false,
+            shutdown_watch_termination_grace_period: Duration::ZERO,
         }
     }
 }
@@ -92,6 +114,7 @@ pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     settings: FrontendSettings,
+    lifecycle: watch::Sender<Lifecycle>,
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = ConnectionLimits::new(
@@ -106,11 +129,21 @@ pub async fn serve(
     let refused_log = LogThrottle::per_second();
     let accept_log = LogThrottle::per_second();
     let mut backoff = AcceptBackoff::default();
+    let delay = ctx.settings.shutdown_delay;
+    let watch_grace = ctx.settings.shutdown_watch_termination_grace_period;
     tokio::pin!(shutdown);
+    // Set when shutdown is asked for: serving goes on until then (the shutdown delay).
+    let mut stop_accepting_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown => break,
+            () = &mut shutdown, if stop_accepting_at.is_none() => {
+                lifecycle.send_replace(Lifecycle::ShuttingDown);
+                tracing::info!(delay = ?delay, "shutting down: /readyz fails now, requests are served until the delay ends");
+                stop_accepting_at = Some(tokio::time::Instant::now() + delay);
+                continue;
+            }
+            () = async { tokio::time::sleep_until(stop_accepting_at.unwrap_or_else(tokio::time::Instant::now)).await }, if stop_accepting_at.is_some() => break,
         };
         match accepted {
             Ok((stream, remote_addr)) => {
@@ -133,20 +166,22 @@ pub async fn serve(
                 // Out of file descriptors and the like: back off (the connections already
                 // open keep being served in their own tasks) and say so once a second.
                 metrics.accept_failed();
-                let delay = backoff.next_delay();
+                let retry_in = backoff.next_delay();
                 if let Some(held_back) = accept_log.check() {
-                    tracing::warn!(error = %e, open = limits.open(), retry_in = ?delay, held_back, "accept failed");
+                    tracing::warn!(error = %e, open = limits.open(), retry_in = ?retry_in, held_back, "accept failed");
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(retry_in) => {}
+                    () = &mut shutdown, if stop_accepting_at.is_none() => break,
                 }
             }
         }
     }
     drop(listener);
+    lifecycle.send_replace(Lifecycle::Draining);
     state_tx.send_replace(ServerState::Draining);
-    if !limits.drained(SHUTDOWN_GRACE).await {
+    // Watches end within their grace period; everything else within SHUTDOWN_GRACE.
+    if !limits.drained(SHUTDOWN_GRACE.max(watch_grace + Duration::from_secs(2))).await {
         tracing::warn!(open = limits.open(), "connections still open after the shutdown grace period; closing them");
         state_tx.send_replace(ServerState::Closed);
         let _ = limits.drained(Duration::from_secs(1)).await;

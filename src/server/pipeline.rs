@@ -27,7 +27,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use super::connection::{ActivityGuard, GuardedBody};
+use super::connection::{ActivityGuard, CloseOnDrain, GuardedBody};
 use super::credentials::SharedFrontEnd;
 use super::endpoints;
 use super::flow::FlowControl;
@@ -70,6 +70,11 @@ pub struct Gateway {
     pub flow: FlowControl,
     /// The fetched discovery and OpenAPI documents, to know which the proxy can answer.
     pub documents: crate::discovery::DiscoveryDocuments,
+    /// Graceful termination: where the server is, `--shutdown-send-retry-after` and
+    /// `--shutdown-watch-termination-grace-period`.
+    pub lifecycle: tokio::sync::watch::Receiver<super::Lifecycle>,
+    pub send_retry_after: bool,
+    pub watch_grace: std::time::Duration,
 }
 
 /// What every step of one request reads: where it came from, the table it is routed by, its
@@ -139,13 +144,23 @@ impl Gateway {
         // One table for the whole request.
         let table = self.table.load_full();
         let mut deadline = None;
+        let mut long_running = false;
+        let draining = self.send_retry_after && *self.lifecycle.borrow() == super::Lifecycle::Draining;
 
         let mut response = if endpoints::is_probe(request.uri().path()) {
             Box::pin(self.own(request)).await
+        } else if draining {
+            // Told to go elsewhere; HTTP/1.1 clients also to drop this connection.
+            let mut refused = RequestError::ShuttingDown.into_response();
+            if request.version() < http::Version::HTTP_2 {
+                refused.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            refused
         } else {
             match self.limits.classify(&request, |info| long_running_by_annotation(&table, info)) {
                 Err(e) => e.into_response(),
                 Ok(class) => {
+                    long_running = class.long_running;
                     let until = class.timeout.map(|t| tokio::time::Instant::from_std(started) + t);
                     let send = SendOptions { deadline: until, long_running: class.long_running };
                     let ctx = RequestContext { conn, table: &table, send, audit_id: &audit_id };
@@ -177,7 +192,10 @@ impl Gateway {
         let code = response.status().as_u16();
         self.metrics.request(&outcome.label, &method, code, started.elapsed());
         tracing::debug!(%method, apiservice = %outcome.label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
-        response.map(|body| GuardedBody::new(body, activity, [outcome.permit, outcome.apiservice_permit], deadline))
+        let close_on_drain = long_running.then(|| CloseOnDrain::new(self.lifecycle.clone(), self.watch_grace));
+        response.map(|body| {
+            GuardedBody::new(body, activity, [outcome.permit, outcome.apiservice_permit], deadline, close_on_drain)
+        })
     }
 
     /// Authentication, the in-flight limits, then routing and forwarding: the part of a
