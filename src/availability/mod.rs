@@ -46,6 +46,9 @@ pub struct Condition {
 #[derive(Debug, Default)]
 pub struct Availability {
     conditions: DashMap<String, Condition>,
+    /// Bumped whenever a condition appears, changes or goes: readers that present the
+    /// conditions (the apiregistration API) rebuild only then.
+    version: std::sync::atomic::AtomicU64,
 }
 
 fn now() -> u64 {
@@ -55,6 +58,15 @@ fn now() -> u64 {
 impl Availability {
     pub fn condition(&self, name: &str) -> Option<Condition> {
         self.conditions.get(name).map(|c| c.clone())
+    }
+
+    /// Changes whenever any condition does.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     fn record(&self, report: &Report, metrics: &Metrics) {
@@ -70,6 +82,13 @@ impl Availability {
             tracing::warn!(apiservice = %report.apiservice, reason = ?report.reason, message = %report.message, "APIService unavailable");
         }
         metrics.set_unavailable(&report.apiservice, !report.available);
+        let same = self
+            .conditions
+            .get(&report.apiservice)
+            .is_some_and(|c| c.status == status && c.reason == report.reason && c.message == report.message);
+        if !same {
+            self.changed();
+        }
         self.conditions.insert(
             report.apiservice.clone(),
             Condition {
@@ -82,13 +101,18 @@ impl Availability {
     }
 
     fn forget_except(&self, keep: &HashSet<String>, metrics: &Metrics) {
+        let mut forgot = false;
         self.conditions.retain(|name, _| {
             let kept = keep.contains(name);
             if !kept {
                 metrics.forget_apiservice(name);
+                forgot = true;
             }
             kept
         });
+        if forgot {
+            self.changed();
+        }
     }
 }
 

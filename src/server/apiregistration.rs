@@ -107,9 +107,17 @@ impl Registry {
         let mut created: BTreeMap<String, u64> = BTreeMap::new();
         let mut ticker = tokio::time::interval(POLL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // What the last snapshot was built from: nothing is rebuilt until one of them changes
+        // (10,000 APIServices are not serialized twice a second for nothing).
+        let mut built_from: Option<(Arc<crate::routing::RoutingTable>, u64)> = None;
         loop {
             ticker.tick().await;
             let table = table.load_full();
+            let version = availability.version();
+            if built_from.as_ref().is_some_and(|(t, v)| Arc::ptr_eq(t, &table) && *v == version) {
+                continue;
+            }
+            built_from = Some((table.clone(), version));
             let previous = self.latest();
             let seq = previous.seq + 1;
             let mut objects = BTreeMap::new();
