@@ -3,7 +3,6 @@
 //! Names follow kube-aggregator where it has the concept (`aggregator_unavailable_apiservice`);
 //! per-APIService request metrics, which upstream lacks, are ours.
 
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub apiservice: Arc<str>,
-    pub method: Cow<'static, str>,
+    pub method: &'static str,
     pub code: u16,
 }
 
@@ -29,9 +28,9 @@ pub struct ApiServiceLabels {
 }
 
 /// A method as a label value, borrowed for the standard methods.
-fn method_label(method: &http::Method) -> Cow<'static, str> {
+fn method_label(method: &http::Method) -> &'static str {
     use http::Method;
-    let known = match *method {
+    match *method {
         Method::GET => "GET",
         Method::POST => "POST",
         Method::PUT => "PUT",
@@ -41,9 +40,11 @@ fn method_label(method: &http::Method) -> Cow<'static, str> {
         Method::OPTIONS => "OPTIONS",
         Method::CONNECT => "CONNECT",
         Method::TRACE => "TRACE",
-        _ => return Cow::Owned(method.as_str().to_owned()),
-    };
-    Cow::Borrowed(known)
+        // Any other token is a valid HTTP method, and a client (an unauthenticated one
+        // included) could mint a new series with each: one label for all of them, as
+        // kube-apiserver's `other`.
+        _ => "other",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -471,5 +472,28 @@ impl Metrics {
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_outside_http_s_own_set_share_one_label() {
+        let metrics = Metrics::new();
+        let name: Arc<str> = Arc::from("v1.a.io");
+        for method in ["PROPFIND", "X-ANYTHING", "GET"] {
+            metrics.request(
+                &name,
+                &http::Method::from_bytes(method.as_bytes()).unwrap(),
+                200,
+                Duration::from_millis(1),
+            );
+        }
+        let text = metrics.encode();
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with("aggregator_proxy_requests_total{")).collect();
+        assert_eq!(series.len(), 2, "{series:?}");
+        assert!(series.iter().any(|l| l.contains("method=\"other\"") && l.ends_with(" 2")), "{series:?}");
     }
 }
