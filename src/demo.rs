@@ -186,6 +186,7 @@ impl Demo {
         format!(
             "kube-aggregation-proxy demo is ready.\n\n  proxy:            https://{addr}\n  sample backend:   https://{sample} \
              (kube-system/sample-apiserver)\n  files:            {dir}\n\nTry:\n  \
+             kubectl --kubeconfig {kc} get apiservices\n  \
              kubectl --kubeconfig {kc} get --raw /apis/metrics.k8s.io/v1beta1/nodes\n  \
              kubectl --kubeconfig {kc} api-resources\n  \
              kubectl --kubeconfig {kc} get --raw /apis/echo.example.com/v1/anything\n  \

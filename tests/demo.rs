@@ -42,6 +42,12 @@ async fn kubectl_reads_real_node_metrics_resources_and_identity_through_the_demo
     let kib: u64 = memory.trim_end_matches("Ki").parse().unwrap_or_else(|_| panic!("memory {memory}"));
     assert!(kib > 1024, "implausible memory usage {memory}");
 
+    // The proxy's own read-only apiregistration.k8s.io: kubectl's first troubleshooting step.
+    let (ok, out, err) = run(&["get", "apiservices"]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.starts_with("NAME") && out.contains("SERVICE") && out.contains("AVAILABLE"), "{out}");
+    assert!(out.contains("v1beta1.metrics.k8s.io") && out.contains("v1.echo.example.com"), "{out}");
+
     let (ok, out, err) = run(&["api-resources"]).await.unwrap();
     assert!(ok, "{err}");
     assert!(
