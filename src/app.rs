@@ -239,9 +239,12 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     // Standalone: `kubectl get apiservices` is answered by the proxy, from the same state.
     let apiregistration = match &config.source {
         Source::Files { dir, .. } => {
-            let registry =
-                crate::server::apiregistration::Registry::new(format!("the manifest directory {}", dir.display()));
-            tasks.spawn(registry.clone().run(table.clone(), availability.clone()));
+            let registry = crate::server::apiregistration::Registry::new(
+                format!("the manifest directory {}", dir.display()),
+                table.clone(),
+                availability.clone(),
+            );
+            tasks.spawn(registry.clone().run());
             Some(registry)
         }
         Source::Cluster { .. } => None,

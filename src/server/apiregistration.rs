@@ -66,6 +66,18 @@ pub struct Registry {
     history: Mutex<VecDeque<Arc<Snapshot>>>,
     /// Where the objects come from, for the 405's words.
     source: String,
+    table: SharedTable,
+    availability: Arc<Availability>,
+    build: Mutex<BuildState>,
+}
+
+/// What the last snapshot was built from: nothing is rebuilt until one of them changes (10,000
+/// APIServices are not serialized twice a second for nothing), and when each object was first
+/// seen (its `creationTimestamp`).
+#[derive(Default)]
+struct BuildState {
+    built_from: Option<(Arc<crate::routing::RoutingTable>, u64)>,
+    created: BTreeMap<String, u64>,
 }
 
 fn now() -> u64 {
@@ -87,13 +99,16 @@ fn available_cell(condition: Option<&Condition>) -> String {
 
 impl Registry {
     /// `source` names where the APIServices come from (the manifest directory).
-    pub fn new(source: String) -> Arc<Self> {
+    pub fn new(source: String, table: SharedTable, availability: Arc<Availability>) -> Arc<Self> {
         let (current, _) = watch::channel(Arc::new(Snapshot::default()));
-        Arc::new(Self { current, history: Mutex::new(VecDeque::new()), source })
-    }
-
-    fn latest(&self) -> Arc<Snapshot> {
-        self.current.borrow().clone()
+        Arc::new(Self {
+            current,
+            history: Mutex::new(VecDeque::new()),
+            source,
+            table,
+            availability,
+            build: Mutex::new(BuildState::default()),
+        })
     }
 
     fn at(&self, seq: u64) -> Option<Arc<Snapshot>> {
@@ -101,62 +116,66 @@ impl Registry {
         history.iter().find(|s| s.seq == seq).cloned()
     }
 
-    /// Publishes a new snapshot whenever an object or its condition changes; runs until
-    /// the process ends.
-    pub async fn run(self: Arc<Self>, table: SharedTable, availability: Arc<Availability>) {
-        let mut created: BTreeMap<String, u64> = BTreeMap::new();
+    /// Publishes changes every [`POLL`] for open watches; runs until the process ends.
+    pub async fn run(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(POLL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // What the last snapshot was built from: nothing is rebuilt until one of them changes
-        // (10,000 APIServices are not serialized twice a second for nothing).
-        let mut built_from: Option<(Arc<crate::routing::RoutingTable>, u64)> = None;
         loop {
             ticker.tick().await;
-            let table = table.load_full();
-            let version = availability.version();
-            if built_from.as_ref().is_some_and(|(t, v)| Arc::ptr_eq(t, &table) && *v == version) {
-                continue;
-            }
-            built_from = Some((table.clone(), version));
-            let previous = self.latest();
-            let seq = previous.seq + 1;
-            let mut objects = BTreeMap::new();
-            for route in table.groups().iter().flat_map(|g| &g.versions) {
-                let a = &route.apiservice;
-                let name = a.name.to_string();
-                let created = *created.entry(name.clone()).or_insert_with(now);
-                let condition = availability.condition(&a.name);
-                let json = object(a, condition.as_ref(), created);
-                let object = match previous.objects.get(&name) {
-                    Some(old) if old.json == json => old.clone(),
-                    _ => Arc::new(Object {
-                        json,
-                        rv: seq,
-                        created,
-                        service: a
-                            .service
-                            .as_ref()
-                            .map_or_else(|| "Local".to_owned(), |s| format!("{}/{}", s.namespace, s.name)),
-                        available: available_cell(condition.as_ref()),
-                    }),
-                };
-                objects.insert(name, object);
-            }
-            created.retain(|name, _| objects.contains_key(name));
-            let changed = objects.len() != previous.objects.len()
-                || objects.iter().any(|(name, o)| previous.objects.get(name).is_none_or(|p| !Arc::ptr_eq(p, o)));
-            if changed || previous.seq == 0 {
-                let snapshot = Arc::new(Snapshot { seq, objects });
-                {
-                    let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-                    if history.len() == HISTORY {
-                        history.pop_front();
-                    }
-                    history.push_back(snapshot.clone());
-                }
-                self.current.send_replace(snapshot);
-            }
+            self.latest();
         }
+    }
+
+    /// The current snapshot, rebuilt first if the table or a condition changed since the last
+    /// one: a request always sees the state of the moment, not of the last poll.
+    fn latest(&self) -> Arc<Snapshot> {
+        let mut build = self.build.lock().unwrap_or_else(|e| e.into_inner());
+        let table = self.table.load_full();
+        let version = self.availability.version();
+        if build.built_from.as_ref().is_some_and(|(t, v)| Arc::ptr_eq(t, &table) && *v == version) {
+            return self.current.borrow().clone();
+        }
+        build.built_from = Some((table.clone(), version));
+        let previous = self.current.borrow().clone();
+        let seq = previous.seq + 1;
+        let mut objects = BTreeMap::new();
+        for route in table.groups().iter().flat_map(|g| &g.versions) {
+            let a = &route.apiservice;
+            let name = a.name.to_string();
+            let created = *build.created.entry(name.clone()).or_insert_with(now);
+            let condition = self.availability.condition(&a.name);
+            let json = object(a, condition.as_ref(), created);
+            let object = match previous.objects.get(&name) {
+                Some(old) if old.json == json => old.clone(),
+                _ => Arc::new(Object {
+                    json,
+                    rv: seq,
+                    created,
+                    service: a
+                        .service
+                        .as_ref()
+                        .map_or_else(|| "Local".to_owned(), |s| format!("{}/{}", s.namespace, s.name)),
+                    available: available_cell(condition.as_ref()),
+                }),
+            };
+            objects.insert(name, object);
+        }
+        build.created.retain(|name, _| objects.contains_key(name));
+        let changed = objects.len() != previous.objects.len()
+            || objects.iter().any(|(name, o)| previous.objects.get(name).is_none_or(|p| !Arc::ptr_eq(p, o)));
+        if !changed && previous.seq != 0 {
+            return previous;
+        }
+        let snapshot = Arc::new(Snapshot { seq, objects });
+        {
+            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(snapshot.clone());
+        }
+        self.current.send_replace(snapshot.clone());
+        snapshot
     }
 }
 
