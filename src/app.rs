@@ -39,6 +39,8 @@ pub enum AppError {
     Delegate(String),
     #[error("source: {0}")]
     Source(String),
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
 }
 
 /// A running proxy. Dropping it does not stop it; call [`RunningApp::shutdown`].
@@ -332,6 +334,12 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         lifecycle,
         send_retry_after: config.frontend.shutdown_send_retry_after,
         watch_grace: config.frontend.shutdown_watch_termination_grace_period,
+        audit: match config.audit.clone() {
+            Some(settings) => {
+                Some(Arc::new(crate::audit::Auditor::start(settings, metrics.clone()).map_err(AppError::Audit)?))
+            }
+            None => None,
+        },
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;

@@ -181,6 +181,37 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_watch_termination_grace_period: Option<String>,
+    /// kube audit policy (`audit.k8s.io/v1` `Policy`); with `--audit-log-path`, turns
+    /// audit on [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_policy_file: Option<PathBuf>,
+    /// Where audit events go, one JSON line each; `-` is standard output.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_log_path: Option<PathBuf>,
+    /// Days to keep rotated audit logs [default: 0: any age].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_log_maxage: Option<u64>,
+    /// Rotated audit logs to keep [default: 0: all].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_log_maxbackup: Option<usize>,
+    /// Megabytes an audit log grows to before it is rotated [default: 0: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_log_maxsize: Option<u64>,
+    /// Audit events waiting to be written before new ones are dropped (and counted in
+    /// `apiserver_audit_error_total{plugin="buffered"}`) [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_log_batch_buffer_size: Option<usize>,
+    /// An audit event larger than this loses its request and response bodies; one still
+    /// larger is dropped [default: 102400].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_log_truncate_max_event_size: Option<usize>,
     /// How long an idle backend connection is kept [default: 90s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -336,6 +367,8 @@ pub struct Config {
     pub request_limits: RequestLimitSettings,
     /// `--apiservice-*`: flow control for APIServices without annotations of their own.
     pub flow: FlowDefaults,
+    /// `--audit-*`: `None` when audit is off.
+    pub audit: Option<crate::audit::AuditSettings>,
 }
 
 impl std::fmt::Debug for Config {
@@ -630,6 +663,10 @@ impl Settings {
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
+        let audit = self.audit(&mut errors);
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
         Ok(Config {
             settings,
             listen: SocketAddr::new(
@@ -656,6 +693,50 @@ impl Settings {
                 requests_per_second: self.apiservice_requests_per_second.unwrap_or(0),
                 burst: self.apiservice_burst.unwrap_or(0),
             },
+            audit,
+        })
+    }
+
+    /// Audit needs a policy and a log: kube writes nothing without a policy, so one without
+    /// the other is a mistake worth naming.
+    fn audit(&self, errors: &mut Vec<String>) -> Option<crate::audit::AuditSettings> {
+        let (policy_file, path) = match (&self.audit_policy_file, &self.audit_log_path) {
+            (None, None) => return None,
+            (Some(policy), Some(path)) => (policy, path),
+            (Some(_), None) => {
+                errors.push("audit-policy-file: needs --audit-log-path, where the events go".into());
+                return None;
+            }
+            (None, Some(_)) => {
+                errors.push("audit-log-path: needs --audit-policy-file (without a policy nothing is recorded)".into());
+                return None;
+            }
+        };
+        let buffer_size = self.audit_log_batch_buffer_size.unwrap_or(crate::audit::log::DEFAULT_BUFFER_SIZE);
+        if buffer_size == 0 {
+            errors.push("audit-log-batch-buffer-size: must be a positive number".into());
+        }
+        let max_event_bytes = self.audit_log_truncate_max_event_size.unwrap_or(crate::audit::DEFAULT_MAX_EVENT_BYTES);
+        if max_event_bytes == 0 {
+            errors.push("audit-log-truncate-max-event-size: must be a positive number".into());
+        }
+        let policy = match crate::audit::Policy::load(policy_file) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(format!("audit-policy-file: {e}"));
+                return None;
+            }
+        };
+        Some(crate::audit::AuditSettings {
+            policy,
+            log: crate::audit::LogSettings {
+                path: path.clone(),
+                max_size_mb: self.audit_log_maxsize.unwrap_or(0),
+                max_backups: self.audit_log_maxbackup.unwrap_or(0),
+                max_age_days: self.audit_log_maxage.unwrap_or(0),
+                buffer_size,
+            },
+            max_event_bytes,
         })
     }
 }

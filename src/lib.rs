@@ -17,13 +17,14 @@
 //! stream-aware connection pools, balancing and ejection, backend TLS), [`availability`] (probes and
 //! the `Available` condition), [`check`] (the troubleshooting command),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
-//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`config`], [`app`]
+//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`config`], [`app`]
 //! (wiring), [`demo`], [`pki`] and [`tls`] (certificates), and [`sample`] (the sample
 //! extension API server).
 #![forbid(unsafe_code)]
 
 pub mod apiservice;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod availability;
 pub mod backend;

@@ -3,47 +3,190 @@
 //! Names follow kube-aggregator where it has the concept (`aggregator_unavailable_apiservice`);
 //! per-APIService request metrics, which upstream lacks, are ours.
 
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-/// Request labels. The APIService name is the route's own `Arc<str>` and standard methods are
-/// static strings, so counting a request allocates nothing once its series exists.
+/// Every request the proxy answered: who answered it (`proxy` for its own endpoints and the
+/// errors it made before routing, `delegate` for kube-apiserver, `apiservice` for an
+/// extension server), kube's metric verb and the status code. Every value comes from a fixed
+/// set, so no client can add a series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub apiservice: Arc<str>,
-    pub method: &'static str,
+pub struct ProxyRequestLabels {
+    pub target: &'static str,
+    pub verb: &'static str,
     pub code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ApiServiceLabels {
-    pub apiservice: Arc<str>,
+pub struct TargetLabels {
+    pub target: &'static str,
 }
 
-/// A method as a label value, borrowed for the standard methods.
-fn method_label(method: &http::Method) -> &'static str {
-    use http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        // Any other token is a valid HTTP method, and a client (an unauthenticated one
-        // included) could mint a new series with each: one label for all of them, as
-        // kube-apiserver's `other`.
-        _ => "other",
+/// Who answered a request, for `aggregator_proxy_requests_total{target}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestTarget {
+    Proxy,
+    Delegate,
+    ApiService,
+}
+
+impl RequestTarget {
+    fn label(self) -> &'static str {
+        match self {
+            RequestTarget::Proxy => "proxy",
+            RequestTarget::Delegate => "delegate",
+            RequestTarget::ApiService => "apiservice",
+        }
+    }
+}
+
+/// kube-apiserver's request-duration buckets, with three finer ones below its first: routing
+/// latency, which this project is used to study, is sub-millisecond.
+const REQUEST_DURATION_BUCKETS: [f64; 26] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
+    10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+];
+
+/// Distinct (verb, code) pairs kept per APIService. Verbs are a fixed set of 13 and a sane
+/// backend answers with a handful of codes; a backend that cycles through hundreds of codes
+/// is counted in `aggregator_metrics_series_dropped_total` instead of growing the scrape.
+pub const MAX_SERIES_PER_APISERVICE: usize = 128;
+
+/// The labels of the per-APIService request series, as kube-aggregator's proposal names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupVersionVerbCode {
+    group: Arc<str>,
+    version: Arc<str>,
+    verb: &'static str,
+    code: u16,
+}
+
+/// One (verb, code) pair's count and latency.
+#[derive(Debug)]
+struct VerbCodeSeries {
+    count: Counter,
+    duration: Histogram,
+}
+
+/// The request series of one remote APIService. Its route holds it (resolved once, when the
+/// routing table is built), so counting a request is a read lock and two atomic updates,
+/// with no lookup by name; when the APIService leaves the table its series go with it.
+#[derive(Debug)]
+pub struct ApiServiceSeries {
+    group: Arc<str>,
+    version: Arc<str>,
+    by_verb_code: RwLock<HashMap<(&'static str, u16), VerbCodeSeries>>,
+    dropped: Counter,
+}
+
+impl ApiServiceSeries {
+    pub fn observe(&self, verb: &'static str, code: u16, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let key = (verb, code);
+        {
+            let series = self.by_verb_code.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = series.get(&key) {
+                s.count.inc();
+                s.duration.observe(seconds);
+                return;
+            }
+        }
+        let mut series = self.by_verb_code.write().unwrap_or_else(|e| e.into_inner());
+        if series.len() >= MAX_SERIES_PER_APISERVICE && !series.contains_key(&key) {
+            self.dropped.inc();
+            return;
+        }
+        let s = series.entry(key).or_insert_with(|| VerbCodeSeries {
+            count: Counter::default(),
+            duration: Histogram::new(REQUEST_DURATION_BUCKETS),
+        });
+        s.count.inc();
+        s.duration.observe(seconds);
+    }
+}
+
+/// The live per-APIService series, by APIService name, encoded on each scrape as
+/// `apiserver_kube_aggregator_request_total` and `..._request_duration_seconds`.
+#[derive(Debug, Default)]
+pub struct ApiServiceRequests {
+    live: RwLock<BTreeMap<Arc<str>, Arc<ApiServiceSeries>>>,
+    dropped: Counter,
+}
+
+impl ApiServiceRequests {
+    /// The series of an APIService, kept across tables while it stays.
+    pub fn series(&self, name: &Arc<str>, group: &Arc<str>, version: &Arc<str>) -> Arc<ApiServiceSeries> {
+        if let Some(s) = self.live.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return s.clone();
+        }
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        live.entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(ApiServiceSeries {
+                    group: group.clone(),
+                    version: version.clone(),
+                    by_verb_code: RwLock::default(),
+                    dropped: self.dropped.clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// Drops the series of every APIService `keep` does not name.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.live.write().unwrap_or_else(|e| e.into_inner()).retain(|name, _| keep(name));
+    }
+}
+
+/// Encodes [`ApiServiceRequests`] on each scrape.
+#[derive(Debug)]
+struct ApiServiceRequestsCollector(Arc<ApiServiceRequests>);
+
+impl Collector for ApiServiceRequestsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let live = self.0.live.read().unwrap_or_else(|e| e.into_inner());
+        let each = |f: &mut dyn FnMut(GroupVersionVerbCode, &VerbCodeSeries) -> Result<(), std::fmt::Error>| {
+            for series in live.values() {
+                let by_verb_code = series.by_verb_code.read().unwrap_or_else(|e| e.into_inner());
+                let mut keys: Vec<_> = by_verb_code.keys().copied().collect();
+                keys.sort_unstable();
+                for key in keys {
+                    let labels = GroupVersionVerbCode {
+                        group: series.group.clone(),
+                        version: series.version.clone(),
+                        verb: key.0,
+                        code: key.1,
+                    };
+                    f(labels, &by_verb_code[&key])?;
+                }
+            }
+            Ok(())
+        };
+        let mut counters = encoder.encode_descriptor(
+            "apiserver_kube_aggregator_request",
+            "Requests to extension API servers (remote APIServices), by group, version, verb and code",
+            None,
+            MetricType::Counter,
+        )?;
+        each(&mut |labels, s| s.count.encode(counters.encode_family(&labels)?))?;
+        let mut histograms = encoder.encode_descriptor(
+            "apiserver_kube_aggregator_request_duration_seconds",
+            "Time from a request's arrival to its response headers, for requests to extension API servers, by group, version, verb and code",
+            None,
+            MetricType::Histogram,
+        )?;
+        each(&mut |labels, s| s.duration.encode(histograms.encode_family(&labels)?))?;
+        Ok(())
     }
 }
 
@@ -101,10 +244,32 @@ impl Drop for OpenConnection {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameReasonLabels {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabels {
+    pub level: &'static str,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
-    requests: Family<RequestLabels, Counter>,
-    request_duration: Family<ApiServiceLabels, Histogram>,
+    requests: Family<ProxyRequestLabels, Counter>,
+    request_duration: Family<TargetLabels, Histogram>,
+    apiservice_requests: Arc<ApiServiceRequests>,
+    unavailable_total: Family<NameReasonLabels, Counter>,
+    x509_missing_san: Counter,
+    audit_events: Counter,
+    audit_errors: Family<PluginLabels, Counter>,
+    audit_levels: Family<LevelLabels, Counter>,
     table_rebuilds: Counter,
     table_apiservices: Gauge,
     table_build_duration: Histogram,
@@ -147,19 +312,56 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
+        let requests = Family::<ProxyRequestLabels, Counter>::default();
         registry.register(
             "aggregator_proxy_requests",
-            "Requests handled, by APIService (empty for the proxy's own endpoints), method and status code",
+            "Requests answered, by target (proxy: its own endpoints and errors before routing; delegate; apiservice: an extension server), kube's metric verb and status code",
             requests.clone(),
         );
-        let request_duration = Family::<ApiServiceLabels, Histogram>::new_with_constructor(|| {
+        let request_duration = Family::<TargetLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 18))
         });
         registry.register(
             "aggregator_proxy_request_duration_seconds",
-            "Time from the request's arrival to the response headers, by APIService",
+            "Time from the request's arrival to the response headers, by target",
             request_duration.clone(),
+        );
+        let apiservice_requests = Arc::new(ApiServiceRequests::default());
+        registry.register_collector(Box::new(ApiServiceRequestsCollector(apiservice_requests.clone())));
+        registry.register(
+            "aggregator_metrics_series_dropped",
+            "Requests not counted in the per-APIService series because the APIService already has the most (verb, code) series allowed",
+            apiservice_requests.dropped.clone(),
+        );
+        let unavailable_total = Family::<NameReasonLabels, Counter>::default();
+        registry.register(
+            "aggregator_unavailable_apiservice",
+            "Counter of APIServices which are marked as unavailable broken down by APIService name and reason.",
+            unavailable_total.clone(),
+        );
+        let x509_missing_san = Counter::default();
+        registry.register(
+            "apiserver_kube_aggregator_x509_missing_san",
+            "Counts the number of requests to servers missing SAN extension in their serving certificate OR the number of connection failures due to the lack of x509 certificate SAN extension missing (either/or, based on the runtime environment)",
+            x509_missing_san.clone(),
+        );
+        let audit_events = Counter::default();
+        registry.register(
+            "apiserver_audit_event",
+            "Counter of audit events generated and sent to the audit backend.",
+            audit_events.clone(),
+        );
+        let audit_errors = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "apiserver_audit_error",
+            "Counter of audit events that failed to be audited properly. Plugin identifies the plugin affected by the error.",
+            audit_errors.clone(),
+        );
+        let audit_levels = Family::<LevelLabels, Counter>::default();
+        registry.register(
+            "apiserver_audit_level",
+            "Counter of policy levels for audit events (1 per request).",
+            audit_levels.clone(),
         );
         let table_rebuilds = Counter::default();
         registry.register(
@@ -307,6 +509,12 @@ impl Metrics {
             registry: Mutex::new(registry),
             requests,
             request_duration,
+            apiservice_requests,
+            unavailable_total,
+            x509_missing_san,
+            audit_events,
+            audit_errors,
+            audit_levels,
             table_rebuilds,
             table_apiservices,
             table_build_duration,
@@ -423,14 +631,38 @@ impl Metrics {
         self.manifest_rejections.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// Counts one request; `apiservice` is empty for the proxy's own endpoints.
-    pub fn request(&self, apiservice: &Arc<str>, method: &http::Method, code: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels { apiservice: apiservice.clone(), method: method_label(method), code })
-            .inc();
-        self.request_duration
-            .get_or_create(&ApiServiceLabels { apiservice: apiservice.clone() })
-            .observe(elapsed.as_secs_f64());
+    /// Counts one request the proxy answered.
+    pub fn request(&self, target: RequestTarget, verb: &'static str, code: u16, elapsed: Duration) {
+        let target = target.label();
+        self.requests.get_or_create(&ProxyRequestLabels { target, verb, code }).inc();
+        self.request_duration.get_or_create(&TargetLabels { target }).observe(elapsed.as_secs_f64());
+    }
+
+    /// The per-APIService request series, which the routing table resolves for its routes.
+    pub fn apiservice_requests(&self) -> &ApiServiceRequests {
+        &self.apiservice_requests
+    }
+
+    /// Counted each time a backend's serving certificate is refused for having no
+    /// subjectAltName (a Common Name alone names no host, as in Go since 1.15).
+    pub fn x509_missing_san(&self) -> Counter {
+        self.x509_missing_san.clone()
+    }
+
+    /// An audit event handed to the log.
+    pub fn audit_event(&self) {
+        self.audit_events.inc();
+    }
+
+    /// An audit event lost: `buffered` (the queue was full), `log` (it could not be
+    /// written) or `truncate` (too large even without its bodies).
+    pub fn audit_error(&self, plugin: &'static str) {
+        self.audit_errors.get_or_create(&PluginLabels { plugin }).inc();
+    }
+
+    /// The level the audit policy gave a request.
+    pub fn audit_level(&self, level: &'static str) {
+        self.audit_levels.get_or_create(&LevelLabels { level }).inc();
     }
 
     pub fn table_rebuilt(&self, apiservices: usize, elapsed: Duration) {
@@ -447,8 +679,19 @@ impl Metrics {
         self.unavailable.get_or_create(&NameLabels { name: name.to_owned() }).set(i64::from(unavailable));
     }
 
-    pub fn forget_apiservice(&self, name: &str) {
+    /// An APIService's `Available` condition changed and it is unavailable, as kube's
+    /// availability controller counts it on each such status update.
+    pub fn unavailable_transition(&self, name: &str, reason: &'static str) {
+        self.unavailable_total.get_or_create(&NameReasonLabels { name: name.to_owned(), reason }).inc();
+    }
+
+    /// Removes an APIService's availability series when it leaves the table; `reasons` are
+    /// every reason it can have been counted under.
+    pub fn forget_apiservice(&self, name: &str, reasons: &[&'static str]) {
         self.unavailable.remove(&NameLabels { name: name.to_owned() });
+        for &reason in reasons {
+            self.unavailable_total.remove(&NameReasonLabels { name: name.to_owned(), reason });
+        }
     }
 
     pub fn authorization(&self, decision: &'static str, source: &'static str) {
@@ -465,12 +708,15 @@ impl Metrics {
         self.authentication.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// The registry in Prometheus text format.
+    /// The registry in the Prometheus text format 0.0.4, as kube-apiserver serves it: a
+    /// counter's family is named with its `_total`, so the gauge
+    /// `aggregator_unavailable_apiservice` and the counter
+    /// `aggregator_unavailable_apiservice_total` are two families, as in kube-aggregator.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         // Encoding into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
         out
     }
 }
@@ -480,20 +726,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn methods_outside_http_s_own_set_share_one_label() {
+    fn per_apiservice_series_live_as_long_as_their_apiservice() {
+        let metrics = Metrics::new();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("v1.a.io"), Arc::from("v1.b.io"));
+        let (group_a, group_b, v1): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("a.io"), Arc::from("b.io"), Arc::from("v1"));
+        let series_a = metrics.apiservice_requests().series(&a, &group_a, &v1);
+        let series_b = metrics.apiservice_requests().series(&b, &group_b, &v1);
+        series_a.observe("GET", 200, Duration::from_millis(1));
+        series_a.observe("GET", 200, Duration::from_millis(1));
+        series_b.observe("LIST", 503, Duration::from_millis(1));
+        // The same APIService in a later table keeps its counts.
+        assert!(Arc::ptr_eq(&series_a, &metrics.apiservice_requests().series(&a, &group_a, &v1)));
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"apiserver_kube_aggregator_request_total{group="a.io",version="v1",verb="GET",code="200"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"apiserver_kube_aggregator_request_duration_seconds_count{group="b.io",version="v1",verb="LIST",code="503"} 1"#));
+        metrics.apiservice_requests().retain(|name| name == "v1.a.io");
+        let text = metrics.encode();
+        assert!(!text.contains(r#"group="b.io""#), "{text}");
+        assert!(text.contains(r#"group="a.io""#));
+    }
+
+    #[test]
+    fn an_apiservice_keeps_at_most_its_share_of_series() {
         let metrics = Metrics::new();
         let name: Arc<str> = Arc::from("v1.a.io");
-        for method in ["PROPFIND", "X-ANYTHING", "GET"] {
-            metrics.request(
-                &name,
-                &http::Method::from_bytes(method.as_bytes()).unwrap(),
-                200,
-                Duration::from_millis(1),
-            );
+        let series = metrics.apiservice_requests().series(&name, &Arc::from("a.io"), &Arc::from("v1"));
+        for code in 100..700u16 {
+            series.observe("GET", code, Duration::from_millis(1));
         }
         let text = metrics.encode();
-        let series: Vec<&str> = text.lines().filter(|l| l.starts_with("aggregator_proxy_requests_total{")).collect();
-        assert_eq!(series.len(), 2, "{series:?}");
-        assert!(series.iter().any(|l| l.contains("method=\"other\"") && l.ends_with(" 2")), "{series:?}");
+        let kept = text.lines().filter(|l| l.starts_with("apiserver_kube_aggregator_request_total{")).count();
+        assert_eq!(kept, MAX_SERIES_PER_APISERVICE);
+        let dropped = 600 - MAX_SERIES_PER_APISERVICE;
+        assert!(text.contains(&format!("aggregator_metrics_series_dropped_total {dropped}")), "{text}");
     }
 }

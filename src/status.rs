@@ -107,6 +107,14 @@ impl Status {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = code;
+        // What an audit event keeps of a Status answer.
+        response.extensions_mut().insert(crate::audit::event::ResponseStatus {
+            metadata: Default::default(),
+            status: self.status.to_owned(),
+            message: self.message.clone(),
+            reason: self.reason.to_owned(),
+            code: self.code,
+        });
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_JSON));
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));

@@ -445,10 +445,12 @@ async fn metrics_count_requests_per_apiservice() {
     }
     let metrics = admin.get(&env.url("/metrics")).await.unwrap().text();
     assert!(
-        metrics
-            .contains(r#"aggregator_proxy_requests_total{apiservice="v1.echo.example.com",method="GET",code="200"} 3"#),
+        metrics.contains(
+            r#"apiserver_kube_aggregator_request_total{group="echo.example.com",version="v1",verb="LIST",code="200"} 3"#
+        ),
         "{metrics}"
     );
+    assert!(metrics.contains(r#"aggregator_proxy_requests_total{target="apiservice",verb="LIST",code="200"} 3"#));
     assert!(metrics.contains("aggregator_routing_table_apiservices 2"), "{metrics}");
 }
 

@@ -4,7 +4,8 @@
 //! Every 30 s each APIService is probed (through the backend layer, once per endpoint:
 //! [`round`]; [`probe::check`] step by step where the backend is not reachable), and after a routing-table change
 //! the new or changed ones, at most [`MAX_CONCURRENT_PROBES`] at a time; the result is kept as a condition (status, kube's reason, message, last
-//! transition), exported as `aggregator_unavailable_apiservice{name}` and shown on
+//! transition), exported as `aggregator_unavailable_apiservice{name}` (and each update that
+//! leaves it unavailable as `aggregator_unavailable_apiservice_total{name,reason}`) and shown on
 //! `/debug/apiservices`. A flip is logged once. Unlike kube-aggregator, availability does not
 //! gate routing: a request to an unavailable backend still gets the real, current error.
 
@@ -88,6 +89,11 @@ impl Availability {
             .is_some_and(|c| c.status == status && c.reason == report.reason && c.message == report.message);
         if !same {
             self.changed();
+            // kube's availability controller counts every status update that leaves the
+            // APIService unavailable, by the condition's reason.
+            if !report.available {
+                metrics.unavailable_transition(&report.apiservice, report.reason.as_str());
+            }
         }
         self.conditions.insert(
             report.apiservice.clone(),
@@ -105,7 +111,7 @@ impl Availability {
         self.conditions.retain(|name, _| {
             let kept = keep.contains(name);
             if !kept {
-                metrics.forget_apiservice(name);
+                metrics.forget_apiservice(name, &Reason::ALL.map(Reason::as_str));
                 forgot = true;
             }
             kept

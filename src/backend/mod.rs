@@ -129,7 +129,7 @@ impl Backend {
         settings: Arc<BackendSettings>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
-        let mut config = tls::client_tls_config(tls, &settings.proxy_client_cert)?;
+        let mut config = tls::client_tls_config(tls, &settings.proxy_client_cert, metrics.x509_missing_san())?;
         let mut http1 = config.clone();
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         http1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];

@@ -5,7 +5,9 @@
 use std::error::Error as StdError;
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -41,20 +43,27 @@ pub struct TransportError {
 }
 
 /// The rustls configuration for one backend identity, presenting `proxy_client_cert`. ALPN is
-/// left to the caller.
+/// left to the caller. Certificates refused for carrying no subjectAltName are counted in
+/// `missing_san`.
 pub fn client_tls_config(
     tls: &BackendTls,
     proxy_client_cert: &ProxyClientCert,
+    missing_san: Counter,
 ) -> Result<ClientConfig, TransportError> {
     let provider = tls::crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TransportError { field: "tls", reason: e.to_string() })?;
-    let builder = if tls.insecure_skip_tls_verify {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+    let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_tls_verify {
+        Arc::new(NoVerification(provider))
     } else {
-        builder.with_root_certificates(root_store(&tls.ca_bundle)?)
+        let roots = Arc::new(root_store(&tls.ca_bundle)?);
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| TransportError { field: "spec.caBundle", reason: e.to_string() })?;
+        Arc::new(SanCountingVerifier { inner, missing_san })
     };
+    let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
     // Resolved at each handshake: a reloaded certificate is used by the next connection.
     Ok(builder.with_client_cert_resolver(Arc::new(proxy_client_cert.clone())))
 }
@@ -72,6 +81,64 @@ fn root_store(ca_bundle: &[u8]) -> Result<RootCertStore, TransportError> {
         roots.add(cert).map_err(|e| bad(format!("unable to load root certificates: {e}")))?;
     }
     Ok(roots)
+}
+
+/// The roots' verification, counting the refusals kube-aggregator counts in
+/// `apiserver_kube_aggregator_x509_missing_san_total`: a certificate that names its host only
+/// in the Common Name, which Go (since 1.15) and webpki both reject.
+#[derive(Debug)]
+struct SanCountingVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    missing_san: Counter,
+}
+
+impl ServerCertVerifier for SanCountingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        if let Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) = &verified
+        {
+            if lacks_subject_alt_name(end_entity) {
+                self.missing_san.inc();
+            }
+        }
+        verified
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn lacks_subject_alt_name(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert)
+        .is_ok_and(|(_, c)| c.subject_alternative_name().is_ok_and(|san| san.is_none()))
 }
 
 /// `insecureSkipTLSVerify: true`: accept any certificate, but still check that the handshake

@@ -105,10 +105,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Builds the backend request: same method, path and query; hop-by-hop headers and `Host`
 /// dropped; identity, `X-Forwarded-*` and `Audit-ID` set. Identity headers the client sent were
 /// stripped before routing.
-fn backend_request(
-    caller: &Caller<'_>,
-    request: Request<hyper::body::Incoming>,
-) -> Result<Request<Body>, RequestError> {
+fn backend_request(caller: &Caller<'_>, request: Request<Body>) -> Result<Request<Body>, RequestError> {
     let (mut parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().cloned();
     let forwarded_uri = HeaderValue::from_str(parts.uri.path());
@@ -145,7 +142,7 @@ fn backend_request(
         headers.insert(HEADER_X_FORWARDED_URI, v);
     }
     headers.insert(HEADER_AUDIT_ID, caller.audit_id.clone());
-    Ok(Request::from_parts(parts, Body::new(body)))
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Forwards `request` to `target` and returns the backend's response, streaming.
@@ -153,7 +150,7 @@ pub async fn forward(
     settings: &ForwardSettings,
     target: Target<'_>,
     caller: Caller<'_>,
-    request: Request<hyper::body::Incoming>,
+    request: Request<Body>,
 ) -> Result<Response<Body>, RequestError> {
     if is_upgrade(request.headers()) {
         // Boxed: rare, and large.
@@ -207,7 +204,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 async fn forward_upgrade(
     target: Target<'_>,
     caller: Caller<'_>,
-    mut request: Request<hyper::body::Incoming>,
+    mut request: Request<Body>,
 ) -> Result<Response<Body>, RequestError> {
     let unavailable =
         |cause: String| RequestError::ServiceUnavailable { apiservice: target.apiservice.to_owned(), cause };

@@ -22,6 +22,7 @@ use http::uri::Authority;
 
 use crate::apiservice::{sorted_by_group_and_version_by, ApiService, ServiceReference};
 use crate::backend::{Backend, BackendTls, Backends, Endpoints, TransportError};
+use crate::metrics::{ApiServiceRequests, ApiServiceSeries};
 pub use resolver::{ResolveError, ServiceResolver, StaticResolver};
 
 /// Where a routed request goes.
@@ -46,6 +47,9 @@ pub struct Route {
     /// The same allocation as the source's and the table's inputs: never copied per table.
     pub apiservice: Arc<ApiService>,
     pub upstream: Upstream,
+    /// A remote APIService's request series, resolved when the table is built so a request
+    /// counts itself without looking anything up.
+    pub requests: Option<Arc<ApiServiceSeries>>,
 }
 
 /// A group's routes, preferred version first.
@@ -132,14 +136,15 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// Builds a table. `apiservices` must have unique names (sources guarantee it).
+    /// Builds a table whose request series are its own, not exported: for tests and
+    /// benchmarks. `apiservices` must have unique names (sources guarantee it).
     pub fn build(apiservices: &[Arc<ApiService>], resolver: &dyn ServiceResolver, backends: &Backends) -> Self {
-        Self::from_inputs(Inputs::resolve(apiservices, resolver), backends)
+        Self::from_inputs(Inputs::resolve(apiservices, resolver), backends, &ApiServiceRequests::default())
     }
 
     /// Builds a table from resolved inputs, the TLS client and endpoints of each distinct
-    /// service made once.
-    pub fn from_inputs(inputs: Inputs, backends: &Backends) -> Self {
+    /// service made once, and each remote route's request series taken from `requests`.
+    pub fn from_inputs(inputs: Inputs, backends: &Backends, requests: &ApiServiceRequests) -> Self {
         let mut upstreams: HashMap<ServiceKey<'_>, Arc<RemoteUpstream>> = HashMap::new();
         let mut in_use: HashMap<BackendTls, HashSet<Authority>> = HashMap::new();
         let routes: Vec<Arc<Route>> = inputs
@@ -178,7 +183,9 @@ impl RoutingTable {
                     ),
                     _ => Upstream::Local,
                 };
-                Arc::new(Route { apiservice: a.clone(), upstream })
+                let requests =
+                    matches!(upstream, Upstream::Remote(_)).then(|| requests.series(&a.name, &a.group, &a.version));
+                Arc::new(Route { apiservice: a.clone(), upstream, requests })
             })
             .collect();
         drop(upstreams);
@@ -218,6 +225,11 @@ impl RoutingTable {
     /// Every APIService of the table, by name.
     pub fn apiservices(&self) -> &[Arc<ApiService>] {
         &self.inputs.apiservices
+    }
+
+    /// Whether an APIService of this name is in the table (its inputs are sorted by name).
+    pub fn has_apiservice(&self, name: &str) -> bool {
+        self.inputs.apiservices.binary_search_by(|a| (*a.name).cmp(name)).is_ok()
     }
 
     /// The backend identities and addresses in use, so [`Backends`] can drop the rest.

@@ -55,13 +55,15 @@ pub fn apply(snapshot: &Snapshot, table: &SharedTable, backends: &Backends, metr
     if current.generation > 0 && current.is_built_from_inputs(&inputs) {
         return false;
     }
-    let mut next = RoutingTable::from_inputs(inputs, backends);
+    let mut next = RoutingTable::from_inputs(inputs, backends, metrics.apiservice_requests());
     next.generation = current.generation + 1;
     let next = Arc::new(next);
     let count = next.apiservices().len();
     let generation = next.generation;
     table.store(next.clone());
     backends.retain(next.backends_in_use());
+    // An APIService that left the table takes its request series with it.
+    metrics.apiservice_requests().retain(|name| next.has_apiservice(name));
     metrics.table_rebuilt(count, started.elapsed());
     tracing::info!(generation, apiservices = count, elapsed = ?started.elapsed(), "routing table updated");
     true

@@ -293,7 +293,15 @@ pub struct GuardedBody {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A long-running response ends cleanly when the server drains (see [`CloseOnDrain`]).
     close_on_drain: Option<CloseOnDrain>,
-    _guards: (ActivityGuard, [Option<tokio::sync::OwnedSemaphorePermit>; 2]),
+    _guards: BodyGuards,
+}
+
+/// What a response body holds until it has been sent: the connection's activity, the
+/// in-flight places, and the audit record (whose `ResponseComplete` is written when it goes).
+pub struct BodyGuards {
+    pub activity: ActivityGuard,
+    pub permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
+    pub audit: Option<crate::audit::RequestAudit>,
 }
 
 /// When the server drains, a watch (or any long-running response) is ended cleanly, at a
@@ -328,12 +336,11 @@ impl CloseOnDrain {
 impl GuardedBody {
     pub fn new(
         inner: Body,
-        activity: ActivityGuard,
-        permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
+        guards: BodyGuards,
         deadline: Option<tokio::time::Instant>,
         close_on_drain: Option<CloseOnDrain>,
     ) -> Self {
-        Self { inner, deadline, timer: None, close_on_drain, _guards: (activity, permits) }
+        Self { inner, deadline, timer: None, close_on_drain, _guards: guards }
     }
 }
 

@@ -149,7 +149,8 @@ async fn readyz(State(state): State<EndpointState>, uri: Uri) -> Response {
 }
 
 async fn metrics(State(state): State<EndpointState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode()).into_response()
+    ([(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)], state.metrics.encode())
+        .into_response()
 }
 
 /// `/apis`: the aggregated document when `Accept` asks for it, else the legacy list.

@@ -54,6 +54,8 @@ pub struct RequestClass {
     pub mutating: bool,
     /// `None` for long-running requests.
     pub timeout: Option<Duration>,
+    /// kube's metric verb (`GET`, `LIST`, `WATCH`, ..., `other`).
+    pub verb: &'static str,
 }
 
 /// A metric label for the in-flight pools, as kube's `request_kind`.
@@ -102,7 +104,8 @@ impl RequestLimits {
         let long_running =
             info.is_long_running() || crate::proxy::is_upgrade(request.headers()) || also_long_running(&info);
         let timeout = if long_running { None } else { Some(self.timeout(uri.query())?) };
-        Ok(RequestClass { long_running, mutating: info.is_mutating(), timeout })
+        let verb = info.metric_verb(request.headers().get(http::header::CONTENT_TYPE));
+        Ok(RequestClass { long_running, mutating: info.is_mutating(), timeout, verb })
     }
 
     /// `--request-timeout`, or the client's `?timeout=` when it is positive and shorter.

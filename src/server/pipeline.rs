@@ -18,7 +18,7 @@
 //! 9. Log and count, with the Audit-ID the backend also saw. The response body carries the
 //!    connection's activity guard, the in-flight permit and the deadline until it is sent.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -27,18 +27,20 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use super::connection::{ActivityGuard, CloseOnDrain, GuardedBody};
+use super::connection::{ActivityGuard, BodyGuards, CloseOnDrain, GuardedBody};
 use super::credentials::SharedFrontEnd;
 use super::endpoints;
 use super::flow::FlowControl;
 use super::limits::{RequestClass, RequestLimits};
-use super::request_info::RequestInfo;
+use super::request_info::{method_metric_verb, RequestInfo};
 use super::ConnectionInfo;
-use crate::auth::authorization::Authorization;
+use crate::audit::event::ResponseStatus;
+use crate::audit::{Auditor, RequestAudit, RequestHead};
+use crate::auth::authorization::{Attributes, Authorization, AuthorizationError};
 use crate::auth::impersonation::{self, Impersonation};
 use crate::auth::{Credentials, UserInfo};
 use crate::backend::{Endpoints, SendOptions};
-use crate::metrics::Metrics;
+use crate::metrics::{ApiServiceSeries, Metrics, RequestTarget};
 use crate::proxy::{self, Caller, ForwardSettings, Target, HEADER_AUDIT_ID};
 use crate::routing::path::{classify, ApiPath};
 use crate::routing::writer::SharedTable;
@@ -75,12 +77,16 @@ pub struct Gateway {
     pub lifecycle: tokio::sync::watch::Receiver<super::Lifecycle>,
     pub send_retry_after: bool,
     pub watch_grace: std::time::Duration,
+    /// `--audit-policy-file` and `--audit-log-*`, when audit is on.
+    pub audit: Option<Arc<Auditor>>,
 }
 
 /// What every step of one request reads: where it came from, the table it is routed by, its
 /// deadline, and the Audit-ID the backend sees.
 struct RequestContext<'a> {
     conn: &'a ConnectionInfo,
+    /// When the request arrived, for audit's timestamps.
+    received: std::time::SystemTime,
     table: &'a RoutingTable,
     send: SendOptions,
     audit_id: &'a HeaderValue,
@@ -88,8 +94,14 @@ struct RequestContext<'a> {
 
 /// What the steps of one request leave for its accounting and its response body.
 struct Outcome {
-    /// The APIService that served it, or the own/delegate label.
-    label: Arc<str>,
+    /// Who answered it.
+    target: RequestTarget,
+    /// The APIService that routed it, if any (for the log).
+    apiservice: Option<Arc<str>>,
+    /// A remote APIService's request series, when it was routed to one.
+    series: Option<Arc<ApiServiceSeries>>,
+    /// The request's audit record, when the policy records it.
+    audit: Option<RequestAudit>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The APIService's own flow-control place, when it has limits.
     apiservice_permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -112,13 +124,9 @@ enum Decision {
 const DELEGATE_LABEL: &str = "delegate";
 const NO_CACHE_PRIVATE: HeaderValue = HeaderValue::from_static("no-cache, private");
 
-/// The metrics labels that are not an APIService's name, made once.
-static OWN_METRICS_LABEL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
-static DELEGATE_METRICS_LABEL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(DELEGATE_LABEL));
-
 /// The client's Audit-ID when it sent a usable one, else a new v4 UUID, as a header value
 /// made once and shared by the backend request and the response.
-fn audit_id(request: &Request<Incoming>) -> HeaderValue {
+fn audit_id(request: &Request<Body>) -> HeaderValue {
     if let Some(v) = request.headers().get(HEADER_AUDIT_ID) {
         if v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 128) {
             return v.clone();
@@ -138,9 +146,20 @@ impl Gateway {
         request: Request<Incoming>,
     ) -> Response<GuardedBody> {
         let started = Instant::now();
+        let received = std::time::SystemTime::now();
+        // Boxed once here; forwarding passes the same box on.
+        let request = request.map(Body::new);
         let method = request.method().clone();
         let audit_id = audit_id(&request);
-        let mut outcome = Outcome { label: OWN_METRICS_LABEL.clone(), permit: None, apiservice_permit: None };
+        let mut outcome = Outcome {
+            target: RequestTarget::Proxy,
+            apiservice: None,
+            series: None,
+            audit: None,
+            permit: None,
+            apiservice_permit: None,
+        };
+        let mut verb = method_metric_verb(method.as_str());
         // One table for the whole request.
         let table = self.table.load_full();
         let mut deadline = None;
@@ -161,9 +180,10 @@ impl Gateway {
                 Err(e) => e.into_response(),
                 Ok(class) => {
                     long_running = class.long_running;
+                    verb = class.verb;
                     let until = class.timeout.map(|t| tokio::time::Instant::from_std(started) + t);
                     let send = SendOptions { deadline: until, long_running: class.long_running };
-                    let ctx = RequestContext { conn, table: &table, send, audit_id: &audit_id };
+                    let ctx = RequestContext { conn, received, table: &table, send, audit_id: &audit_id };
                     let work = self.admitted(ctx, &class, &mut outcome, request);
                     match until {
                         None => work.await,
@@ -186,16 +206,29 @@ impl Gateway {
             }
         };
 
+        if method == http::Method::HEAD {
+            // A HEAD answer has headers only. hyper drops the body for HTTP/1.1 but sends it
+            // on HTTP/2, where DATA on a HEAD stream is a protocol error that fails the
+            // client's request: Go's server, kube-apiserver's, drops it on both.
+            response = response.map(|_| Body::empty());
+        }
         response.headers_mut().insert(HEADER_AUDIT_ID, audit_id.clone());
+        if let Some(audit) = outcome.audit.as_mut() {
+            response = audit.respond(response);
+        }
         // kube-apiserver's WithCacheControl: every answer not marked otherwise is private.
         response.headers_mut().entry(http::header::CACHE_CONTROL).or_insert(NO_CACHE_PRIVATE);
         let code = response.status().as_u16();
-        self.metrics.request(&outcome.label, &method, code, started.elapsed());
-        tracing::debug!(%method, apiservice = %outcome.label, code, audit_id = audit_id.to_str().unwrap_or_default(), elapsed = ?started.elapsed(), "request");
+        let elapsed = started.elapsed();
+        self.metrics.request(outcome.target, verb, code, elapsed);
+        if let Some(series) = &outcome.series {
+            series.observe(verb, code, elapsed);
+        }
+        tracing::debug!(%method, apiservice = outcome.apiservice.as_deref().unwrap_or_default(), code, audit_id = audit_id.to_str().unwrap_or_default(), ?elapsed, "request");
         let close_on_drain = long_running.then(|| CloseOnDrain::new(self.lifecycle.clone(), self.watch_grace));
-        response.map(|body| {
-            GuardedBody::new(body, activity, [outcome.permit, outcome.apiservice_permit], deadline, close_on_drain)
-        })
+        let guards =
+            BodyGuards { activity, permits: [outcome.permit, outcome.apiservice_permit], audit: outcome.audit };
+        response.map(|body| GuardedBody::new(body, guards, deadline, close_on_drain))
     }
 
     /// Authentication, the in-flight limits, then routing and forwarding: the part of a
@@ -205,20 +238,38 @@ impl Gateway {
         ctx: RequestContext<'_>,
         class: &RequestClass,
         outcome: &mut Outcome,
-        mut request: Request<Incoming>,
+        mut request: Request<Body>,
     ) -> Response<Body> {
         let (user, impersonation) = match self.authenticated(ctx.conn, &mut request).await {
             Ok(found) => found,
-            Err(e) => return e.into_response(),
+            Err(e) => {
+                let response = e.into_response();
+                if let Some(auditor) = &self.audit {
+                    let status = response.extensions().get::<ResponseStatus>().cloned().unwrap_or_default();
+                    auditor.unauthenticated(&audit_head(&ctx, &request), status);
+                }
+                return response;
+            }
         };
+        if let Some(auditor) = &self.audit {
+            outcome.audit = auditor.begin(&audit_head(&ctx, &request), &user);
+        }
         let user = match impersonation {
             None => user,
             // Rare, and a SubjectAccessReview per check: boxed, off the common future.
-            Some(asked) => match Box::pin(self.impersonate(&user, asked, &request)).await {
-                Ok(impersonated) => impersonated,
+            Some(asked) => match Box::pin(self.impersonate(&user, asked, attributes(&request))).await {
+                Ok(impersonated) => {
+                    if let Some(audit) = outcome.audit.as_mut() {
+                        audit.impersonated(&impersonated);
+                    }
+                    impersonated
+                }
                 Err(e) => return RequestError::from(e).into_response(),
             },
         };
+        if let Some(audit) = &outcome.audit {
+            request = audit.record_request_body(request);
+        }
         match self.limits.admit(class, &user) {
             Ok(permit) => outcome.permit = permit,
             Err(kind) => {
@@ -226,16 +277,14 @@ impl Gateway {
                 return RequestError::TooManyRequests.into_response();
             }
         }
-        let (label, response) = self.route_and_forward(&ctx, &user, &mut outcome.apiservice_permit, request).await;
-        outcome.label = label;
-        response
+        self.route_and_forward(&ctx, &user, outcome, request).await
     }
 
     /// The authenticated user and what it asks to impersonate, with the identity headers gone.
     async fn authenticated(
         &self,
         conn: &ConnectionInfo,
-        request: &mut Request<Incoming>,
+        request: &mut Request<Body>,
     ) -> Result<(UserInfo, Option<Impersonation>), RequestError> {
         let front = self.front.load_full();
         let credentials = Credentials { peer_certificates: &conn.peer_certificates, headers: request.headers() };
@@ -253,12 +302,12 @@ impl Gateway {
         &self,
         ctx: &RequestContext<'_>,
         user: &UserInfo,
-        flow_permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-        request: Request<Incoming>,
-    ) -> (Arc<str>, Response<Body>) {
+        outcome: &mut Outcome,
+        request: Request<Body>,
+    ) -> Response<Body> {
         let send = ctx.send;
         if !*self.ready.borrow() {
-            return (OWN_METRICS_LABEL.clone(), RequestError::NotReady.into_response());
+            return RequestError::NotReady.into_response();
         }
         let has_v3_document = |path: &str| self.documents.openapi_v3().document(path).is_some();
         let decision = match decide(ctx.table, request.uri().path(), self.delegate.is_some(), has_v3_document) {
@@ -272,7 +321,7 @@ impl Gateway {
                 Decision::Delegate { apiservice: None }
             }
             Ok(d) => d,
-            Err(e) => return (OWN_METRICS_LABEL.clone(), e.into_response()),
+            Err(e) => return e.into_response(),
         };
         let caller = Caller { user, remote_addr: ctx.conn.remote_addr, audit_id: ctx.audit_id };
         match decision {
@@ -280,17 +329,17 @@ impl Gateway {
             // path's future, which hyper moves into a task per request, stays small.
             Decision::Own => {
                 let authorized = if self.authorization.authorizes_own() {
-                    Box::pin(self.authorize(user, &request)).await
+                    Box::pin(self.authorize(user, attributes(&request), outcome)).await
                 } else {
                     Ok(())
                 };
                 match authorized {
-                    Ok(()) => (OWN_METRICS_LABEL.clone(), Box::pin(self.own(request)).await),
-                    Err(e) => (OWN_METRICS_LABEL.clone(), e.into_response()),
+                    Ok(()) => Box::pin(self.own(request)).await,
+                    Err(e) => e.into_response(),
                 }
             }
             Decision::Delegate { apiservice } => {
-                let label = apiservice.clone().unwrap_or_else(|| DELEGATE_METRICS_LABEL.clone());
+                outcome.target = RequestTarget::Delegate;
                 let response = match &self.delegate {
                     Some(d) => {
                         let target = Target {
@@ -303,19 +352,26 @@ impl Gateway {
                         proxy::forward(&self.forward, target, caller, request).await
                     }
                     None => Err(RequestError::NoDelegate {
-                        apiservice: apiservice.map(|a| a.to_string()).unwrap_or_default(),
+                        apiservice: apiservice.as_deref().map(str::to_owned).unwrap_or_default(),
                     }),
                 };
-                (label, response.unwrap_or_else(RequestError::into_response))
+                outcome.apiservice = apiservice;
+                response.unwrap_or_else(RequestError::into_response)
             }
             Decision::Remote { route, discovery } => {
+                // Whatever the answer, it counts for this APIService, as kube-aggregator's
+                // proxy handler counts its own 503s and 403s.
+                outcome.target = RequestTarget::ApiService;
+                outcome.apiservice = Some(route.apiservice.name.clone());
+                outcome.series = route.requests.clone();
                 if self.authorization.authorizes_aggregated() {
-                    if let Err(e) = Box::pin(self.authorize(user, &request)).await {
-                        return (route.apiservice.name.clone(), e.into_response());
+                    if let Err(e) = Box::pin(self.authorize(user, attributes(&request), outcome)).await {
+                        return e.into_response();
                     }
                 }
-                let response = self.forward_remote(&route, discovery, send, caller, flow_permit, request).await;
-                (route.apiservice.name.clone(), response.unwrap_or_else(RequestError::into_response))
+                let response =
+                    self.forward_remote(&route, discovery, send, caller, &mut outcome.apiservice_permit, request).await;
+                response.unwrap_or_else(RequestError::into_response)
             }
         }
     }
@@ -327,7 +383,7 @@ impl Gateway {
         send: SendOptions,
         caller: Caller<'_>,
         flow_permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, RequestError> {
         let apiservice = &*route.apiservice.name;
         // The APIService's own limits, before anything is sent its way.
@@ -354,25 +410,54 @@ impl Gateway {
         &self,
         user: &UserInfo,
         asked: Impersonation,
-        request: &Request<Incoming>,
-    ) -> Result<UserInfo, crate::auth::authorization::AuthorizationError> {
-        let uri = request.uri();
-        let action = RequestInfo::parse(request.method(), uri.path(), uri.query()).attributes();
+        action: Attributes,
+    ) -> Result<UserInfo, AuthorizationError> {
         self.authorization.impersonate(user, asked, &action).await
     }
 
-    /// Asks the authorizer about this request, with kube's RequestInfo attributes.
-    async fn authorize(&self, user: &UserInfo, request: &Request<Incoming>) -> Result<(), RequestError> {
-        let uri = request.uri();
-        let attributes = RequestInfo::parse(request.method(), uri.path(), uri.query()).attributes();
-        Ok(self.authorization.authorize(user, attributes).await?)
+    /// Asks the authorizer about this request, with kube's RequestInfo attributes; the
+    /// decision goes into the audit record as kube annotates it.
+    async fn authorize(
+        &self,
+        user: &UserInfo,
+        attributes: Attributes,
+        outcome: &mut Outcome,
+    ) -> Result<(), RequestError> {
+        let decision = self.authorization.authorize(user, attributes).await;
+        if let Some(audit) = outcome.audit.as_mut() {
+            match &decision {
+                Ok(()) => audit.authorized(true, ""),
+                Err(AuthorizationError::Forbidden { reason, .. }) => audit.authorized(false, reason),
+                Err(AuthorizationError::Failed(_)) => {}
+            }
+        }
+        Ok(decision?)
     }
 
-    async fn own(&self, request: Request<Incoming>) -> Response<Body> {
-        match self.endpoints.clone().oneshot(request.map(Body::new)).await {
+    async fn own(&self, request: Request<Body>) -> Response<Body> {
+        match self.endpoints.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         }
+    }
+}
+
+/// What the authorizer is asked about a request: kube's RequestInfo attributes. Made before
+/// any await, so no future holds the request (whose body is not `Sync`).
+fn attributes(request: &Request<Body>) -> Attributes {
+    let uri = request.uri();
+    RequestInfo::parse(request.method(), uri.path(), uri.query()).attributes()
+}
+
+/// What audit reads of a request: its line and headers, where it came from, and when.
+fn audit_head<'a>(ctx: &RequestContext<'a>, request: &'a Request<Body>) -> RequestHead<'a> {
+    RequestHead {
+        method: request.method(),
+        uri: request.uri(),
+        headers: request.headers(),
+        remote: ctx.conn.remote_addr.ip(),
+        audit_id: ctx.audit_id.to_str().unwrap_or_default(),
+        received: ctx.received,
     }
 }
 

@@ -177,9 +177,59 @@ impl<'a> RequestInfo<'a> {
         })
     }
 
+    /// The verb as kube-apiserver's request metrics report it (`apiserver_request_total`,
+    /// and the aggregator's per-APIService series): upper case, `GET` told from `LIST`,
+    /// `WATCH` and `APPLY` told apart, the streaming subresources as `CONNECT`, and any method
+    /// outside that fixed set as `other`, so no client can mint a label value.
+    pub fn metric_verb(&self, content_type: Option<&http::HeaderValue>) -> &'static str {
+        if !self.is_resource_request {
+            return match self.verb {
+                Verb::Method(m) => method_metric_verb(m),
+                _ => OTHER_METRIC_VERB,
+            };
+        }
+        if CONNECT_SUBRESOURCES.contains(&self.subresource) {
+            return "CONNECT";
+        }
+        match self.verb {
+            Verb::Kube("get") => "GET",
+            Verb::Kube("list") => "LIST",
+            Verb::Kube("watch") => "WATCH",
+            Verb::Kube("create") => "POST",
+            Verb::Kube("update") => "PUT",
+            Verb::Kube("patch") if content_type.is_some_and(|t| t.as_bytes() == APPLY_PATCH_CONTENT_TYPE) => "APPLY",
+            Verb::Kube("patch") => "PATCH",
+            Verb::Kube("delete") => "DELETE",
+            Verb::Kube("deletecollection") => "DELETECOLLECTION",
+            Verb::Kube("proxy") => "PROXY",
+            _ => OTHER_METRIC_VERB,
+        }
+    }
+
     /// Whether kube's max-in-flight filter counts this as a mutating request.
     pub fn is_mutating(&self) -> bool {
         !READ_ONLY_VERBS.iter().any(|v| self.verb.is(v))
+    }
+}
+
+/// kube's label for a verb outside its set (`OtherRequestMethod`).
+pub const OTHER_METRIC_VERB: &str = "other";
+/// Subresources kube's request metrics report as `CONNECT` (`validConnectRequests`).
+const CONNECT_SUBRESOURCES: [&str; 5] = ["attach", "exec", "log", "portforward", "proxy"];
+/// Server-side apply's patch type, reported as the verb `APPLY`.
+const APPLY_PATCH_CONTENT_TYPE: &[u8] = b"application/apply-patch+yaml";
+
+/// A non-resource request's method as a metric verb: `HEAD` counts as `GET`, as kube's
+/// `CanonicalVerb` has it; anything outside kube's set is `other`.
+pub fn method_metric_verb(method: &str) -> &'static str {
+    match method {
+        "GET" | "HEAD" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        _ => OTHER_METRIC_VERB,
     }
 }
 
@@ -389,5 +439,33 @@ mod tests {
         assert_eq!(info("GET", "/apis/g.io/v1"), (false, false));
         assert_eq!(info("POST", "/apis/g.io/v1"), (false, true));
         assert_eq!(info("GET", "/debug/pprof/profile"), (true, false));
+    }
+
+    #[test]
+    fn metric_verbs_are_kube_apiservers_request_metric_verbs() {
+        let verb = |method: &str, url: &'static str, content_type: Option<&'static str>| {
+            let method: Method = method.parse().unwrap();
+            let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
+            let content_type = content_type.map(http::HeaderValue::from_static);
+            RequestInfo::parse(&method, path, query).metric_verb(content_type.as_ref())
+        };
+        assert_eq!(verb("GET", "/apis/g.io/v1/namespaces/a/things/t", None), "GET");
+        assert_eq!(verb("HEAD", "/apis/g.io/v1/namespaces/a/things/t", None), "GET");
+        assert_eq!(verb("GET", "/apis/g.io/v1/things", None), "LIST");
+        assert_eq!(verb("GET", "/apis/g.io/v1/things?watch=1", None), "WATCH");
+        assert_eq!(verb("GET", "/apis/g.io/v1/watch/things", None), "WATCH");
+        assert_eq!(verb("POST", "/apis/g.io/v1/namespaces/a/things", None), "POST");
+        assert_eq!(verb("PUT", "/apis/g.io/v1/namespaces/a/things/t", None), "PUT");
+        assert_eq!(verb("PATCH", "/apis/g.io/v1/namespaces/a/things/t", Some("application/merge-patch+json")), "PATCH");
+        assert_eq!(verb("PATCH", "/apis/g.io/v1/namespaces/a/things/t", Some("application/apply-patch+yaml")), "APPLY");
+        assert_eq!(verb("DELETE", "/apis/g.io/v1/namespaces/a/things/t", None), "DELETE");
+        assert_eq!(verb("DELETE", "/apis/g.io/v1/namespaces/a/things", None), "DELETECOLLECTION");
+        assert_eq!(verb("POST", "/api/v1/namespaces/a/pods/p/exec", None), "CONNECT");
+        assert_eq!(verb("GET", "/api/v1/namespaces/a/pods/p/log", None), "CONNECT");
+        assert_eq!(verb("PROPFIND", "/apis/g.io/v1/namespaces/a/things/t", None), "other");
+        assert_eq!(verb("GET", "/apis/g.io/v1", None), "GET");
+        assert_eq!(verb("HEAD", "/healthz", None), "GET");
+        assert_eq!(verb("PROPFIND", "/healthz", None), "other");
+        assert_eq!(verb("BREW", "/apis/g.io/v1", None), "other");
     }
 }

@@ -31,7 +31,12 @@ impl Drop for TestBackend {
 
 impl TestBackend {
     pub async fn start(handler: Handler) -> Self {
-        let serving = pki::self_signed_localhost().unwrap().certified_key().unwrap();
+        Self::start_serving(&pki::self_signed_localhost().unwrap(), handler).await
+    }
+
+    /// Serves with this certificate and key (a test's own, from its PKI).
+    pub async fn start_serving(serving: &pki::PemPair, handler: Handler) -> Self {
+        let serving = serving.certified_key().unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&serving, None).unwrap()));
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
