@@ -41,6 +41,8 @@ pub enum AppError {
     Source(String),
     #[error("audit log: {0}")]
     Audit(std::io::Error),
+    #[error("tracing: {0}")]
+    Tracing(String),
 }
 
 /// A running proxy. Dropping it does not stop it; call [`RunningApp::shutdown`].
@@ -55,6 +57,8 @@ pub struct RunningApp {
     delegate_discovery: watch::Sender<Arc<DelegateDiscovery>>,
     shutdown: Option<oneshot::Sender<()>>,
     tasks: JoinSet<()>,
+    /// Flushed on shutdown, so the last requests' spans are exported.
+    tracing: Option<Arc<crate::telemetry::Tracing>>,
 }
 
 impl RunningApp {
@@ -103,6 +107,9 @@ impl RunningApp {
                 }
             }
             self.tasks.abort_all();
+        }
+        if let Some(tracing) = &self.tracing {
+            tracing.shutdown().await;
         }
     }
 
@@ -313,6 +320,10 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         credentials: credentials_status,
         lifecycle: lifecycle.clone(),
     };
+    let tracing = match &config.tracing {
+        Some(settings) => Some(Arc::new(crate::telemetry::Tracing::start(settings).map_err(AppError::Tracing)?)),
+        None => None,
+    };
     let gateway = Arc::new(Gateway {
         table: table.clone(),
         front,
@@ -340,6 +351,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
             }
             None => None,
         },
+        tracing: tracing.clone(),
     });
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
@@ -359,5 +371,6 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         delegate_discovery,
         shutdown: Some(shutdown_tx),
         tasks,
+        tracing,
     })
 }

@@ -212,6 +212,11 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_log_truncate_max_event_size: Option<usize>,
+    /// kube's tracing configuration (`apiserver.config.k8s.io/v1` `TracingConfiguration`:
+    /// `endpoint` of an OTLP/gRPC collector, `samplingRatePerMillion`) [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing_config_file: Option<PathBuf>,
     /// How long an idle backend connection is kept [default: 90s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -369,6 +374,8 @@ pub struct Config {
     pub flow: FlowDefaults,
     /// `--audit-*`: `None` when audit is off.
     pub audit: Option<crate::audit::AuditSettings>,
+    /// `--tracing-config-file`: `None` when tracing is off.
+    pub tracing: Option<crate::telemetry::TracingSettings>,
 }
 
 impl std::fmt::Debug for Config {
@@ -664,6 +671,11 @@ impl Settings {
             return Err(ConfigError(errors));
         }
         let audit = self.audit(&mut errors);
+        let tracing = self.tracing_config_file.as_deref().and_then(|path| {
+            crate::telemetry::TracingSettings::load(path)
+                .map_err(|e| errors.push(format!("tracing-config-file: {e}")))
+                .ok()
+        });
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -694,6 +706,7 @@ impl Settings {
                 burst: self.apiservice_burst.unwrap_or(0),
             },
             audit,
+            tracing,
         })
     }
 

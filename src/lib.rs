@@ -17,7 +17,7 @@
 //! stream-aware connection pools, balancing and ejection, backend TLS), [`availability`] (probes and
 //! the `Available` condition), [`check`] (the troubleshooting command),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
-//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`config`], [`app`]
+//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`telemetry`] (OpenTelemetry tracing), [`config`], [`app`]
 //! (wiring), [`demo`], [`pki`] and [`tls`] (certificates), and [`sample`] (the sample
 //! extension API server).
 #![forbid(unsafe_code)]
@@ -40,4 +40,5 @@ pub mod sample;
 pub mod server;
 pub mod source;
 pub mod status;
+pub mod telemetry;
 pub mod tls;

@@ -350,8 +350,12 @@ async fn past_max_pending_requests_new_ones_fail_fast_with_503() {
             tokio::spawn(async move { client.get(&direct).await.map(|r| r.status) })
         })
         .collect();
+    eventually_in_flight(&env, backend.addr, 1.0, Duration::from_secs(10)).await;
+    // A probe that arrives before both waiting places are taken waits itself: its client gives
+    // up after a second, which frees its place, and the next probe tries again.
+    let probe = env.client().client_cert(&env.pki.admin).timeout(Duration::from_secs(1)).build();
     let refused =
-        eventually_status(Duration::from_secs(3), &client, &url(&env, "things/x"), StatusCode::SERVICE_UNAVAILABLE)
+        eventually_status(Duration::from_secs(10), &probe, &url(&env, "things/x"), StatusCode::SERVICE_UNAVAILABLE)
             .await;
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert!(

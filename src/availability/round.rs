@@ -60,7 +60,8 @@ async fn get(endpoint: &Arc<Endpoint>, path: &str) -> Result<(StatusCode, Bytes)
         Request::get(path).header(ACCEPT, "application/json").body(Body::empty()).map_err(|e| e.to_string())?;
     // A fixed ASCII identity: it always fits in a header.
     let _ = inject(&UserInfo::new(PROBE_USER, vec![PROBE_GROUP.to_owned()]), request.headers_mut());
-    let opts = SendOptions { deadline: Some(tokio::time::Instant::now() + PROBE_TIMEOUT), long_running: false };
+    let opts =
+        SendOptions { deadline: Some(tokio::time::Instant::now() + PROBE_TIMEOUT), long_running: false, report: false };
     let read = async {
         let response = endpoint.send(request, &opts).await.map_err(|e| e.to_string())?;
         let status = response.status();

@@ -275,6 +275,7 @@ impl Endpoint {
             return Err(BackendError::HeadersTooLarge { size, limit: settings.max_header_list_size });
         }
         let lease = self.acquire(opts, fresh).await?;
+        let acquired = opts.report.then(std::time::SystemTime::now);
         if let Some(limit) = lease.connection.peer.max_header_list_size().map(|l| l as usize) {
             if size > limit {
                 self.shared.metrics.backend_header_rejected();
@@ -296,7 +297,11 @@ impl Endpoint {
         match result {
             Ok(response) => {
                 self.judge(self.health.observe(started.elapsed(), response.status().is_server_error()));
-                Ok(response.map(|body| Body::new(LeasedBody { body, _lease: lease })))
+                let mut response = response.map(|body| Body::new(LeasedBody { body, _lease: lease }));
+                if let Some(acquired) = acquired {
+                    response.extensions_mut().insert(super::SendReport { endpoint: self.authority.clone(), acquired });
+                }
+                Ok(response)
             }
             Err(e) => {
                 let (error, connection_done, declined) = BackendError::from_hyper(&e, self.server_name());

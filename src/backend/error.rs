@@ -46,6 +46,19 @@ pub enum Retry {
 }
 
 impl BackendError {
+    /// A short, fixed name for the kind of failure (a trace's `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Connect(_) => "connect",
+            BackendError::Tls(_) => "tls",
+            BackendError::HeadersTooLarge { .. } => "headers_too_large",
+            BackendError::Overloaded { .. } => "overloaded",
+            BackendError::QueueTimeout(_) => "queue_timeout",
+            BackendError::Timeout(_) => "timeout",
+            BackendError::Transport { .. } => "transport",
+        }
+    }
+
     /// Whether an idempotent request may be sent again after this: nothing reached the
     /// backend, or the connection failed before any answer.
     pub fn retry_safe(&self) -> bool {

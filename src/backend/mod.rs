@@ -97,6 +97,16 @@ pub struct SendOptions {
     /// Watches and other streams: they may not take an endpoint's last connection slot, and
     /// are never retried.
     pub long_running: bool,
+    /// Put a [`SendReport`] in the response's extensions (for the request's trace).
+    pub report: bool,
+}
+
+/// Where and when the backend layer placed a request, for its trace.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    pub endpoint: http::uri::Authority,
+    /// When a connection with room was found (after any wait for one, and any connect).
+    pub acquired: std::time::SystemTime,
 }
 
 /// What every endpoint of one backend identity shares.

@@ -17,6 +17,7 @@ use crate::auth::identity;
 use crate::auth::UserInfo;
 use crate::backend::{self, BackendError, Endpoints, SendOptions};
 use crate::status::RequestError;
+use crate::telemetry::RequestTrace;
 
 pub const HEADER_AUDIT_ID: &str = "audit-id";
 pub const HEADER_X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -68,6 +69,8 @@ pub struct Caller<'a> {
     pub user: &'a UserInfo,
     pub remote_addr: SocketAddr,
     pub audit_id: &'a HeaderValue,
+    /// The request's trace, when tracing is on: the hop to the backend is its client span.
+    pub trace: Option<&'a RequestTrace>,
 }
 
 /// One forwarding target: the endpoints of a backend and what the request asks of them.
@@ -156,14 +159,29 @@ pub async fn forward(
         // Boxed: rare, and large.
         return Box::pin(forward_upgrade(target, caller, request)).await;
     }
-    let outgoing = backend_request(&caller, request)?;
+    let mut outgoing = backend_request(&caller, request)?;
+    let client_span = caller.trace.map(|t| t.client(target.apiservice, &mut outgoing));
     let mut send = target.send;
+    send.report = client_span.is_some();
     if target.discovery {
         // kube-aggregator bounds discovery requests, body included, to five seconds.
         let bound = tokio::time::Instant::now() + settings.discovery_timeout;
         send.deadline = Some(send.deadline.map_or(bound, |d| d.min(bound)));
     }
-    let response = backend::send(target.endpoints, outgoing, &send).await.map_err(|error| match error {
+    let response = backend::send(target.endpoints, outgoing, &send).await;
+    if let Some(span) = &client_span {
+        match &response {
+            Ok(r) => {
+                if let Some(report) = r.extensions().get::<backend::SendReport>() {
+                    span.acquired(report.endpoint.as_str(), report.acquired);
+                }
+                span.responded(r.status().as_u16());
+            }
+            Err(e) => span.failed(e.kind()),
+        }
+    }
+    drop(client_span);
+    let response = response.map_err(|error| match error {
         BackendError::Timeout(_) if target.discovery => RequestError::Backend {
             apiservice: target.apiservice.to_owned(),
             error: BackendError::Timeout(settings.discovery_timeout),
@@ -211,6 +229,8 @@ async fn forward_upgrade(
     let protocol = request.headers().get(header::UPGRADE).cloned();
     let client_side = hyper::upgrade::on(&mut request);
     let mut outgoing = backend_request(&caller, request)?;
+    // The switch itself is the client span; the stream after it is not traced.
+    let client_span = caller.trace.map(|t| t.client(target.apiservice, &mut outgoing));
     outgoing.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Some(protocol) = protocol {
         outgoing.headers_mut().insert(header::UPGRADE, protocol);
@@ -222,6 +242,9 @@ async fn forward_upgrade(
         .await
         .map_err(|e| unavailable(format!("error dialing backend: {e}")))?;
     let status = response.status();
+    if let Some(span) = client_span {
+        span.responded(status.as_u16());
+    }
     if status != http::StatusCode::SWITCHING_PROTOCOLS {
         if status.as_u16() < 400 {
             return Err(unavailable(format!("invalid upgrade response: status code {}", status.as_u16())));

@@ -302,6 +302,8 @@ pub struct BodyGuards {
     pub activity: ActivityGuard,
     pub permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
     pub audit: Option<crate::audit::RequestAudit>,
+    /// The request's server span, which ends with the body.
+    pub trace: Option<crate::telemetry::RequestTrace>,
 }
 
 /// When the server drains, a watch (or any long-running response) is ended cleanly, at a

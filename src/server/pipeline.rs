@@ -46,6 +46,7 @@ use crate::routing::path::{classify, ApiPath};
 use crate::routing::writer::SharedTable;
 use crate::routing::{Route, RoutingTable, Upstream};
 use crate::status::RequestError;
+use crate::telemetry::{RequestTrace, Tracing};
 
 /// The local delegate: kube-apiserver in cluster mode.
 #[derive(Debug)]
@@ -79,6 +80,8 @@ pub struct Gateway {
     pub watch_grace: std::time::Duration,
     /// `--audit-policy-file` and `--audit-log-*`, when audit is on.
     pub audit: Option<Arc<Auditor>>,
+    /// `--tracing-config-file`, when tracing is on.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 /// What every step of one request reads: where it came from, the table it is routed by, its
@@ -87,6 +90,8 @@ struct RequestContext<'a> {
     conn: &'a ConnectionInfo,
     /// When the request arrived, for audit's timestamps.
     received: std::time::SystemTime,
+    /// The request's server span, when tracing is on.
+    trace: Option<&'a RequestTrace>,
     table: &'a RoutingTable,
     send: SendOptions,
     audit_id: &'a HeaderValue,
@@ -151,6 +156,8 @@ impl Gateway {
         let request = request.map(Body::new);
         let method = request.method().clone();
         let audit_id = audit_id(&request);
+        let trace =
+            self.tracing.as_ref().map(|t| t.request(&request, conn.remote_addr, audit_id.to_str().unwrap_or_default()));
         let mut outcome = Outcome {
             target: RequestTarget::Proxy,
             apiservice: None,
@@ -182,8 +189,15 @@ impl Gateway {
                     long_running = class.long_running;
                     verb = class.verb;
                     let until = class.timeout.map(|t| tokio::time::Instant::from_std(started) + t);
-                    let send = SendOptions { deadline: until, long_running: class.long_running };
-                    let ctx = RequestContext { conn, received, table: &table, send, audit_id: &audit_id };
+                    let send = SendOptions { deadline: until, long_running: class.long_running, report: false };
+                    let ctx = RequestContext {
+                        conn,
+                        received,
+                        trace: trace.as_ref(),
+                        table: &table,
+                        send,
+                        audit_id: &audit_id,
+                    };
                     let work = self.admitted(ctx, &class, &mut outcome, request);
                     match until {
                         None => work.await,
@@ -219,6 +233,9 @@ impl Gateway {
         // kube-apiserver's WithCacheControl: every answer not marked otherwise is private.
         response.headers_mut().entry(http::header::CACHE_CONTROL).or_insert(NO_CACHE_PRIVATE);
         let code = response.status().as_u16();
+        if let Some(trace) = &trace {
+            trace.respond(code);
+        }
         let elapsed = started.elapsed();
         self.metrics.request(outcome.target, verb, code, elapsed);
         if let Some(series) = &outcome.series {
@@ -227,7 +244,7 @@ impl Gateway {
         tracing::debug!(%method, apiservice = outcome.apiservice.as_deref().unwrap_or_default(), code, audit_id = audit_id.to_str().unwrap_or_default(), ?elapsed, "request");
         let close_on_drain = long_running.then(|| CloseOnDrain::new(self.lifecycle.clone(), self.watch_grace));
         let guards =
-            BodyGuards { activity, permits: [outcome.permit, outcome.apiservice_permit], audit: outcome.audit };
+            BodyGuards { activity, permits: [outcome.permit, outcome.apiservice_permit], audit: outcome.audit, trace };
         response.map(|body| GuardedBody::new(body, guards, deadline, close_on_drain))
     }
 
@@ -240,7 +257,10 @@ impl Gateway {
         outcome: &mut Outcome,
         mut request: Request<Body>,
     ) -> Response<Body> {
-        let (user, impersonation) = match self.authenticated(ctx.conn, &mut request).await {
+        let authenticating = ctx.trace.map(|t| t.phase("authenticate"));
+        let authenticated = self.authenticated(ctx.conn, &mut request).await;
+        drop(authenticating);
+        let (user, impersonation) = match authenticated {
             Ok(found) => found,
             Err(e) => {
                 let response = e.into_response();
@@ -257,7 +277,7 @@ impl Gateway {
         let user = match impersonation {
             None => user,
             // Rare, and a SubjectAccessReview per check: boxed, off the common future.
-            Some(asked) => match Box::pin(self.impersonate(&user, asked, attributes(&request))).await {
+            Some(asked) => match Box::pin(self.impersonate(&user, asked, attributes(&request), ctx.trace)).await {
                 Ok(impersonated) => {
                     if let Some(audit) = outcome.audit.as_mut() {
                         audit.impersonated(&impersonated);
@@ -323,13 +343,16 @@ impl Gateway {
             Ok(d) => d,
             Err(e) => return e.into_response(),
         };
-        let caller = Caller { user, remote_addr: ctx.conn.remote_addr, audit_id: ctx.audit_id };
+        let caller = Caller { user, remote_addr: ctx.conn.remote_addr, audit_id: ctx.audit_id, trace: ctx.trace };
         match decision {
             // The proxy's own endpoints and their SubjectAccessReview are boxed: the forwarding
             // path's future, which hyper moves into a task per request, stays small.
             Decision::Own => {
+                if let Some(trace) = ctx.trace {
+                    trace.routed(None, "proxy");
+                }
                 let authorized = if self.authorization.authorizes_own() {
-                    Box::pin(self.authorize(user, attributes(&request), outcome)).await
+                    Box::pin(self.authorize(user, attributes(&request), ctx.trace, outcome)).await
                 } else {
                     Ok(())
                 };
@@ -340,6 +363,9 @@ impl Gateway {
             }
             Decision::Delegate { apiservice } => {
                 outcome.target = RequestTarget::Delegate;
+                if let Some(trace) = ctx.trace {
+                    trace.routed(None, "delegate");
+                }
                 let response = match &self.delegate {
                     Some(d) => {
                         let target = Target {
@@ -364,8 +390,12 @@ impl Gateway {
                 outcome.target = RequestTarget::ApiService;
                 outcome.apiservice = Some(route.apiservice.name.clone());
                 outcome.series = route.requests.clone();
+                if let Some(trace) = ctx.trace {
+                    let a = &route.apiservice;
+                    trace.routed(Some((&a.name, &a.group, &a.version)), "apiservice");
+                }
                 if self.authorization.authorizes_aggregated() {
-                    if let Err(e) = Box::pin(self.authorize(user, attributes(&request), outcome)).await {
+                    if let Err(e) = Box::pin(self.authorize(user, attributes(&request), ctx.trace, outcome)).await {
                         return e.into_response();
                     }
                 }
@@ -411,7 +441,9 @@ impl Gateway {
         user: &UserInfo,
         asked: Impersonation,
         action: Attributes,
+        trace: Option<&RequestTrace>,
     ) -> Result<UserInfo, AuthorizationError> {
+        let _phase = trace.map(|t| t.phase("impersonate"));
         self.authorization.impersonate(user, asked, &action).await
     }
 
@@ -421,9 +453,12 @@ impl Gateway {
         &self,
         user: &UserInfo,
         attributes: Attributes,
+        trace: Option<&RequestTrace>,
         outcome: &mut Outcome,
     ) -> Result<(), RequestError> {
+        let phase = trace.map(|t| t.phase("authorize"));
         let decision = self.authorization.authorize(user, attributes).await;
+        drop(phase);
         if let Some(audit) = outcome.audit.as_mut() {
             match &decision {
                 Ok(()) => audit.authorized(true, ""),
