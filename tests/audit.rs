@@ -90,6 +90,7 @@ async fn the_log_holds_the_events_the_policy_asks_for() {
     assert!(complete.get("responseObject").is_none() && complete.get("requestObject").is_none());
     assert!(is_micro_time(&complete["requestReceivedTimestamp"]) && is_micro_time(&complete["stageTimestamp"]));
     assert_eq!(events[0]["requestReceivedTimestamp"], complete["requestReceivedTimestamp"]);
+    assert_eq!(events[0]["stageTimestamp"], events[0]["requestReceivedTimestamp"]);
 
     // A get at RequestResponse: the response body is recorded.
     let get = admin.get(&env.url("/apis/echo.example.com/v1/namespaces/default/echoes/one")).await.unwrap();
@@ -102,6 +103,10 @@ async fn the_log_holds_the_events_the_policy_asks_for() {
     assert_eq!(complete["objectRef"]["name"], "one");
     assert_eq!(complete["objectRef"]["resource"], "echoes");
     assert_eq!(complete["responseObject"], get.json(), "the response body as the client got it");
+    // One event as written (shown with --nocapture).
+    let id = audit_id(&get);
+    let raw = std::fs::read_to_string(&log).unwrap();
+    println!("{}", raw.lines().filter(|l| l.contains(&id)).last().unwrap());
 
     // A create: the request body too.
     let body = r#"{"apiVersion":"echo.example.com/v1","kind":"Echo","metadata":{"name":"new"}}"#;

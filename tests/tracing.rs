@@ -117,6 +117,8 @@ async fn one_trace_crosses_client_proxy_and_extension_server() {
     })
     .await;
     assert!(spans.iter().all(|s| hex(&s.trace_id) == TRACE_ID), "every span is in the client's trace: {spans:#?}");
+    // The tree as the collector got it (shown with --nocapture).
+    print_tree(&spans, CLIENT_SPAN_ID, 0);
 
     let server = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
     assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN_ID, "the client's span is the server span's parent");
@@ -155,4 +157,20 @@ async fn one_trace_crosses_client_proxy_and_extension_server() {
     let all = received.lock().unwrap().clone();
     assert!(all.iter().all(|s| hex(&s.trace_id) == TRACE_ID), "{all:#?}");
     assert_eq!(all.iter().filter(|s| s.kind == SpanKind::Server as i32).count(), 1);
+}
+
+/// Prints the spans under `parent` (hex), indented, with their kind, duration and events.
+fn print_tree(spans: &[Span], parent: &str, depth: usize) {
+    for span in spans.iter().filter(|s| hex(&s.parent_span_id) == parent) {
+        let micros = span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano) / 1_000;
+        let events: Vec<&str> = span.events.iter().map(|e| e.name.as_str()).collect();
+        println!(
+            "{:indent$}{} [{:?}] {micros} µs events={events:?}",
+            "",
+            span.name,
+            SpanKind::try_from(span.kind).unwrap(),
+            indent = depth * 2
+        );
+        print_tree(spans, &hex(&span.span_id), depth + 1);
+    }
 }

@@ -223,7 +223,10 @@ impl RequestAudit {
             return;
         }
         self.event.stage = stage;
-        self.event.stage_timestamp = event::micro_time(SystemTime::now());
+        // kube: a RequestReceived event's stage time is the time the request was received.
+        if stage != Stage::RequestReceived {
+            self.event.stage_timestamp = event::micro_time(SystemTime::now());
+        }
         if stage == Stage::ResponseComplete {
             let omit_managed_fields = self.decision.omit_managed_fields;
             self.event.request_object = self.request_body.as_ref().and_then(|c| c.json(omit_managed_fields));
