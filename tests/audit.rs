@@ -106,7 +106,7 @@ async fn the_log_holds_the_events_the_policy_asks_for() {
     // One event as written (shown with --nocapture).
     let id = audit_id(&get);
     let raw = std::fs::read_to_string(&log).unwrap();
-    println!("{}", raw.lines().filter(|l| l.contains(&id)).last().unwrap());
+    println!("{}", raw.lines().rfind(|l| l.contains(&id)).unwrap());
 
     // A create: the request body too.
     let body = r#"{"apiVersion":"echo.example.com/v1","kind":"Echo","metadata":{"name":"new"}}"#;
