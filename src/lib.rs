@@ -15,7 +15,7 @@
 //! (authenticators, identity headers, TokenReview and SubjectAccessReview in cluster mode),
 //! [`proxy`] (forwarding, protocol switches), [`backend`] (the one way out: endpoints,
 //! stream-aware connection pools, balancing and ejection, backend TLS), [`availability`] (probes and
-//! the `Available` condition), [`check`] (the troubleshooting command),
+//! the `Available` condition), [`check`] (the troubleshooting command), [`compare`] (two kubeconfigs side by side), [`testbed`] (a real control plane on loopback),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
 //! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`telemetry`] (OpenTelemetry tracing), [`config`], [`app`]
 //! (wiring), [`demo`], [`pki`] and [`tls`] (certificates), and [`sample`] (the sample
@@ -29,6 +29,7 @@ pub mod auth;
 pub mod availability;
 pub mod backend;
 pub mod check;
+pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod discovery;
@@ -41,4 +42,6 @@ pub mod server;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+#[cfg(feature = "testbed")]
+pub mod testbed;
 pub mod tls;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kube_aggregation_proxy::config::{Config, ConfigError, Settings};
-use kube_aggregation_proxy::{app, check, demo};
+use kube_aggregation_proxy::{app, check, compare, demo};
 
 /// mimalloc rather than the system allocator: after a flood of connections ends, glibc's
 /// malloc keeps the freed per-connection buffers in its arenas (RSS stayed at the peak),
@@ -55,6 +55,30 @@ enum Command {
         /// The proxy's port (default: a free one).
         #[arg(long, default_value_t = 0)]
         port: u16,
+        /// A real control plane instead: etcd, kube-apiserver, metrics-server and
+        /// sample-apiserver (built from the Go module proxy on first use), the proxy in
+        /// cluster mode in front, DIR/direct.kubeconfig and DIR/proxy.kubeconfig.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Send the same requests through two kubeconfigs (say kube-apiserver's own aggregator and
+    /// this proxy) and print status codes, Status reasons, content types and discovery
+    /// differences side by side. Exits 1 when anything differs, 2 on bad input.
+    Compare {
+        /// The first side's kubeconfig.
+        left: PathBuf,
+        /// The second side's kubeconfig.
+        right: PathBuf,
+        /// Another request, `METHOD /path?query [| Header: value]... [| body]`; repeatable.
+        #[arg(long = "request", value_name = "LINE")]
+        requests: Vec<String>,
+        /// A file of such lines (`#` comments and blank lines skipped).
+        #[arg(long)]
+        requests_file: Option<PathBuf>,
+        /// Leave out the built-in requests (discovery, aggregated reads and writes, a watch,
+        /// errors, impersonation).
+        #[arg(long)]
+        no_builtin: bool,
     },
 }
 
@@ -68,6 +92,27 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+#[cfg(feature = "testbed")]
+async fn cluster_demo(dir: &std::path::Path) -> ExitCode {
+    let demo = match demo::cluster::ClusterDemo::start(dir).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("demo --cluster: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", demo.instructions());
+    shutdown_signal().await;
+    demo.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(feature = "testbed"))]
+async fn cluster_demo(_: &std::path::Path) -> ExitCode {
+    eprintln!("demo --cluster: this binary was built without the `testbed` feature");
+    ExitCode::FAILURE
 }
 
 async fn shutdown_signal() {
@@ -137,7 +182,11 @@ async fn main() -> ExitCode {
             running.shutdown().await;
             ExitCode::SUCCESS
         }
-        Command::Demo { dir, port } => {
+        Command::Compare { left, right, requests, requests_file, no_builtin } => {
+            let code = compare::command(left, right, requests, requests_file, !no_builtin).await;
+            ExitCode::from(u8::try_from(code).unwrap_or(2))
+        }
+        Command::Demo { dir, port, cluster } => {
             let dir = match dir {
                 Some(d) => d,
                 None => match tempfile::Builder::new().prefix("kube-aggregation-proxy-demo-").tempdir() {
@@ -148,6 +197,9 @@ async fn main() -> ExitCode {
                     }
                 },
             };
+            if cluster {
+                return cluster_demo(&dir).await;
+            }
             let demo = match demo::Demo::start(&dir, port).await {
                 Ok(d) => d,
                 Err(e) => {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes parts the end-to-end harness runs (tests/common/cluster.rs),
+# Builds the real Kubernetes parts the end-to-end harness runs (src/testbed/mod.rs),
 # from the Go module proxy, at the versions pinned in the go.mod files beside this script.
 #
 #   tests/e2e/k8s/build.sh [NAME...]    NAME: kube-apiserver etcd metrics-server sample-apiserver kubectl
@@ -59,7 +59,9 @@ if [[ ${#names[@]} -eq 0 ]]; then
 fi
 
 mkdir -p "$bin_dir"
+step=0
 for name in "${names[@]}"; do
+	step=$((step + 1))
 	spec="${targets[$name]:-}"
 	if [[ -z "$spec" ]]; then
 		echo "build.sh: unknown binary '$name' (known: ${!targets[*]})" >&2
@@ -69,7 +71,7 @@ for name in "${names[@]}"; do
 	version="$(pinned_version "$here/$dir/go.mod" "$module")"
 	out="$bin_dir/$name-$version"
 	if [[ ! -x "$out" ]]; then
-		echo "build.sh: building $name $version (module $module) ..." >&2
+		echo "build.sh: [$step/${#names[@]}] building $name $version (module $module) ..." >&2
 		start=$SECONDS
 		tmp="$out.tmp.$$"
 		trap 'rm -f "$tmp"' EXIT

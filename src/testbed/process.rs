@@ -117,10 +117,6 @@ impl Process {
         &self.name
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// Whether this run of the process logged a line containing `needle`.
     pub fn logged(&self, needle: &str) -> bool {
         let Ok(mut file) = File::open(&self.log) else {

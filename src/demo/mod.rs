@@ -4,6 +4,9 @@
 //! Everything it writes goes under one directory, so a user can read the certificates, the
 //! manifests and the config it used, and rerun `serve --config DIR/proxy.yaml` by hand.
 
+#[cfg(feature = "testbed")]
+pub mod cluster;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -20,8 +23,8 @@ use crate::sample::{SampleServer, SampleServerConfig};
 
 /// The APIService manifests the demo registers, with their file names.
 pub const MANIFESTS: [(&str, &str); 2] = [
-    ("v1beta1.metrics.k8s.io.yaml", include_str!("../manifests/demo/v1beta1.metrics.k8s.io.yaml")),
-    ("v1.echo.example.com.yaml", include_str!("../manifests/demo/v1.echo.example.com.yaml")),
+    ("v1beta1.metrics.k8s.io.yaml", include_str!("../../manifests/demo/v1beta1.metrics.k8s.io.yaml")),
+    ("v1.echo.example.com.yaml", include_str!("../../manifests/demo/v1.echo.example.com.yaml")),
 ];
 
 /// The service the manifests name, and the common name the sample server allows.
