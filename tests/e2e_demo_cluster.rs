@@ -49,18 +49,36 @@ fn alive(pid: u32) -> bool {
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
 
+/// The demo process, killed if the test fails before it is stopped (its cluster's processes
+/// follow: their watchdogs' lifelines close with it).
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// kubectl's success and its output, stderr after stdout.
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
+    let out = kubectl_output(kubeconfig, args);
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn kubectl_output(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
     let kubectl = &binaries().expect("binaries").kubectl;
     let cache = kubeconfig.with_extension("cache");
-    let out = Command::new(kubectl)
+    Command::new(kubectl)
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .arg("--cache-dir")
         .arg(&cache)
         .args(args)
         .output()
-        .expect("kubectl runs");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        .expect("kubectl runs")
 }
 
 fn until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
@@ -78,16 +96,18 @@ fn until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Result<T, Str
 fn demo_cluster_serves_kubectl_compares_and_leaves_nothing_behind() {
     binaries().expect("the Kubernetes binaries build");
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Command::new(BIN)
-        .args(["demo", "--cluster", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the demo starts");
-    let pid = demo.id();
+    let mut demo = Demo(
+        Command::new(BIN)
+            .args(["demo", "--cluster", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the demo starts"),
+    );
+    let pid = demo.0.id();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let stdout = demo.stdout.take().unwrap();
+    let stdout = demo.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         let mut text = String::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -102,6 +122,22 @@ fn demo_cluster_serves_kubectl_compares_and_leaves_nothing_behind() {
     assert!(instructions.contains("proxy.kubeconfig top node"), "{instructions}");
     let proxy = dir.path().join("proxy.kubeconfig");
     let direct = dir.path().join("direct.kubeconfig");
+
+    // Real version strings, as a Kubernetes release build stamps them, directly and through
+    // the proxy (which forwards /version to kube-apiserver).
+    let built = binaries().unwrap();
+    let version = Command::new(&built.kube_apiserver).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), "Kubernetes v1.37.2");
+    for kubeconfig in [&direct, &proxy] {
+        // stdout only: kubectl warns on stderr when its own version is far from the server's.
+        let out = kubectl_output(kubeconfig, &["version", "-o", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let server = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["serverVersion"];
+        assert_eq!(server["gitVersion"], "v1.37.2", "{out}");
+        assert_eq!((server["major"].as_str(), server["minor"].as_str()), (Some("1"), Some("37")), "{out}");
+        assert_eq!(server["gitTreeState"], "clean", "{out}");
+    }
 
     let (ok, out) = kubectl(&proxy, &["get", "apiservices"]);
     assert!(ok && out.contains("v1beta1.metrics.k8s.io") && out.contains("v1alpha1.wardle.example.com"), "{out}");
@@ -147,7 +183,7 @@ fn demo_cluster_serves_kubectl_compares_and_leaves_nothing_behind() {
     let sent = Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     assert!(sent.success());
     let status = until(EXIT_DEADLINE, "the demo to exit on SIGINT", || {
-        demo.try_wait().map_err(|e| e.to_string())?.ok_or_else(|| "running".to_owned())
+        demo.0.try_wait().map_err(|e| e.to_string())?.ok_or_else(|| "running".to_owned())
     });
     assert!(status.success(), "{status}");
     let left = until(EXIT_DEADLINE, "every process of the demo to end", || {

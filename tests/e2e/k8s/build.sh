@@ -53,6 +53,39 @@ pinned_version() {
 	printf '%s\n' "$version"
 }
 
+# The version stamp Kubernetes' release build (hack/lib/version.sh) gives a binary, so
+# `kube-apiserver --version`, `/version` and `kubectl version` report the release instead of
+# v0.0.0-master: gitVersion, gitMajor, gitMinor, gitTreeState and buildDate, in
+# k8s.io/component-base/version and k8s.io/client-go/pkg/version. The release commit is not
+# known from the module proxy, so gitCommit stays empty; buildDate is the release's own time
+# (the module's), so a build is reproducible. etcd's version is a constant in its source.
+# Bump RECIPE when this changes, so binaries built the old way are built again.
+RECIPE=r2
+version_ldflags() {
+	local name="$1" dir="$2" version="$3" stamp="$3" module="$4"
+	case "$name" in
+	kube-apiserver | kubectl | sample-apiserver)
+		# Built from the Kubernetes release these modules are staged from.
+		stamp="$(pinned_version "$here/$dir/go.mod" k8s.io/kubernetes)"
+		module=k8s.io/kubernetes
+		;;
+	metrics-server) ;;
+	*) return 0 ;;
+	esac
+	local info time major minor rest
+	info="$(cd "$here/$dir" && "$go_bin" mod download -json "$module@$stamp" | awk -F'"' '$2 == "Info" { print $4 }')"
+	time="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")"
+	rest="${stamp#v}"
+	major="${rest%%.*}"
+	rest="${rest#*.}"
+	minor="${rest%%.*}"
+	local pkg
+	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		printf ' -X %s.gitVersion=%s -X %s.gitMajor=%s -X %s.gitMinor=%s -X %s.gitCommit= -X %s.gitTreeState=clean -X %s.buildDate=%s' \
+			"$pkg" "$stamp" "$pkg" "$major" "$pkg" "$minor" "$pkg" "$pkg" "$pkg" "$time"
+	done
+}
+
 names=("$@")
 if [[ ${#names[@]} -eq 0 ]]; then
 	names=(etcd kube-apiserver sample-apiserver metrics-server)
@@ -69,7 +102,7 @@ for name in "${names[@]}"; do
 	fi
 	read -r dir module package <<<"$spec"
 	version="$(pinned_version "$here/$dir/go.mod" "$module")"
-	out="$bin_dir/$name-$version"
+	out="$bin_dir/$name-$version-$RECIPE"
 	if [[ ! -x "$out" ]]; then
 		echo "build.sh: [$step/${#names[@]}] building $name $version (module $module) ..." >&2
 		start=$SECONDS
@@ -78,7 +111,7 @@ for name in "${names[@]}"; do
 		(
 			cd "$here/$dir"
 			CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" \
-				"$go_bin" build -trimpath -ldflags="-s -w" -o "$tmp" "$package"
+				"$go_bin" build -trimpath -ldflags="-s -w$(version_ldflags "$name" "$dir" "$version" "$module")" -o "$tmp" "$package"
 		)
 		mv -f "$tmp" "$out"
 		trap - EXIT
