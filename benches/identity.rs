@@ -1,6 +1,8 @@
 //! Identity header rewrite: stripping what a client asserted (`X-Remote-*`, `Impersonate-*`,
 //! `Authorization`, the configured requestheader names) and injecting the authenticated user,
-//! on the header set kubectl sends plus one spoofing attempt.
+//! on the header set kubectl sends plus one spoofing attempt; and client-certificate
+//! authentication, on a new connection (the chain verified and parsed) and on a later request
+//! of the same connection (what the connection learnt is reused).
 
 mod common;
 
@@ -10,6 +12,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use kube_aggregation_proxy::auth::identity::{inject, IdentityHeaderNames, UserInfo};
+use kube_aggregation_proxy::auth::x509::{ChainVerifier, ClientCertAuthenticator, PeerChain};
+use kube_aggregation_proxy::auth::{Authenticator, Credentials};
 
 fn client_headers() -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -49,6 +53,25 @@ fn identity(c: &mut Criterion) {
             },
             BatchSize::SmallInput,
         )
+    });
+    group.finish();
+
+    let ca = kube_aggregation_proxy::pki::CertificateAuthority::new("client-ca").unwrap();
+    let chain = ca.issue_client("alice", &["dev", "ops"]).unwrap().certified_key().unwrap().chain;
+    let verifier = ChainVerifier::from_pem(ca.cert_pem().as_bytes(), "client-ca").unwrap();
+    let x509 = ClientCertAuthenticator::new(verifier);
+    let no_headers = HeaderMap::new();
+    let mut group = c.benchmark_group("client_certificate");
+    group.bench_function("first_request_on_a_connection", |b| {
+        b.iter_batched(
+            || PeerChain::new(chain.clone()),
+            |peer| x509.authenticate(Credentials { peer: &peer, headers: &no_headers }).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    let peer = PeerChain::new(chain.clone());
+    group.bench_function("later_request_on_the_connection", |b| {
+        b.iter(|| x509.authenticate(Credentials { peer: black_box(&peer), headers: &no_headers }).unwrap())
     });
     group.finish();
 }

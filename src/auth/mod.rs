@@ -18,14 +18,14 @@ pub mod x509;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use rustls_pki_types::CertificateDer;
 
 pub use identity::UserInfo;
 
 /// Everything an authenticator may look at: the TLS peer chain and the request headers.
 #[derive(Debug, Clone, Copy)]
 pub struct Credentials<'a> {
-    pub peer_certificates: &'a [CertificateDer<'static>],
+    /// The connection's client certificate chain (empty without one).
+    pub peer: &'a x509::PeerChain,
     pub headers: &'a HeaderMap,
 }
 

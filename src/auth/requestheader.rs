@@ -7,7 +7,7 @@
 use http::HeaderMap;
 
 use super::identity::{unescape_extra_key, UserInfo};
-use super::x509::{subject, ChainVerifier};
+use super::x509::ChainVerifier;
 use super::{AuthError, Authenticator, Credentials};
 
 /// The `--requestheader-*` settings.
@@ -88,11 +88,13 @@ pub fn identity_from_headers(config: &RequestHeaderConfig, headers: &HeaderMap) 
 
 impl Authenticator for RequestHeaderAuthenticator {
     fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError> {
-        let Some(leaf) = credentials.peer_certificates.first() else { return Ok(None) };
-        self.config.verifier.verify(credentials.peer_certificates).map_err(AuthError::FrontProxy)?;
+        if credentials.peer.leaf().is_none() {
+            return Ok(None);
+        }
+        credentials.peer.verify(&self.config.verifier).map_err(AuthError::FrontProxy)?;
         if !self.config.allowed_names.is_empty() {
-            let cn = subject(leaf).map_err(AuthError::FrontProxy)?.common_name;
-            if !self.config.allowed_names.contains(&cn) {
+            let cn = &credentials.peer.subject().map_err(AuthError::FrontProxy)?.common_name;
+            if !self.config.allowed_names.contains(cn) {
                 return Err(AuthError::FrontProxy(format!("subject with cn={cn} is not in the allowed list")));
             }
         }

@@ -128,12 +128,12 @@ mod tests {
         assert_eq!(file.len(), 3);
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, "Bearer t1".parse().unwrap());
-        let creds = Credentials { peer_certificates: &[], headers: &h };
+        let creds = Credentials { peer: &crate::auth::x509::PeerChain::default(), headers: &h };
         let alice = file.authenticate(creds).unwrap().unwrap();
         assert_eq!((alice.name.as_str(), alice.uid.as_deref()), ("alice", Some("1001")));
         assert_eq!(alice.groups, ["dev", "ops"]);
         h.insert(AUTHORIZATION, "Bearer nope".parse().unwrap());
-        let creds = Credentials { peer_certificates: &[], headers: &h };
+        let creds = Credentials { peer: &crate::auth::x509::PeerChain::default(), headers: &h };
         assert_eq!(file.authenticate(creds).unwrap(), None);
     }
 

@@ -5,7 +5,9 @@
 //! re-verifies the chain against its own bundle here.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
@@ -18,6 +20,8 @@ use crate::tls::{self, TlsError};
 /// Verifies client certificate chains against one CA bundle.
 #[derive(Clone)]
 pub struct ChainVerifier {
+    /// Unique per bundle loaded (a reload is a new bundle): the key of [`PeerChain`]'s cache.
+    id: u64,
     verifier: Arc<dyn ClientCertVerifier>,
     /// The DER of every trusted root, so the TLS layer can ask for certificates from all of them.
     roots: Arc<RootCertStore>,
@@ -41,7 +45,8 @@ impl ChainVerifier {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), tls::crypto_provider())
             .build()
             .map_err(|e| TlsError::Invalid { what: what.to_owned(), reason: e.to_string() })?;
-        Ok(Self { verifier, roots })
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), verifier, roots })
     }
 
     pub fn roots(&self) -> &RootCertStore {
@@ -53,6 +58,78 @@ impl ChainVerifier {
         let (leaf, intermediates) = chain.split_first().ok_or("no certificate presented")?;
         self.verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
     }
+}
+
+/// A TLS connection's client certificate chain, and what authentication learnt of it.
+///
+/// The chain cannot change within a connection, so it is verified once per CA bundle and its
+/// subject parsed once, not on every request on the connection. A verification is trusted
+/// again only while every certificate of the chain is within its validity period; a failed
+/// one is never kept (it is tried again), and a reloaded bundle is a new bundle.
+#[derive(Debug, Default)]
+pub struct PeerChain {
+    certs: Vec<CertificateDer<'static>>,
+    subject: OnceLock<Result<Subject, String>>,
+    /// The latest `notBefore` and the earliest `notAfter` of the chain.
+    validity: OnceLock<Option<(SystemTime, SystemTime)>>,
+    /// The ids of the bundles the chain verified against (at most [`MAX_VERIFIED_BUNDLES`]).
+    verified: Mutex<Vec<u64>>,
+}
+
+/// A chain meets at most the client CA and the requestheader CA (and, across a reload, their
+/// successors); more is never kept.
+const MAX_VERIFIED_BUNDLES: usize = 4;
+
+impl PeerChain {
+    pub fn new(certs: Vec<CertificateDer<'static>>) -> Self {
+        Self { certs, ..Self::default() }
+    }
+
+    pub fn leaf(&self) -> Option<&CertificateDer<'static>> {
+        self.certs.first()
+    }
+
+    /// The leaf's CN and O, parsed on first use.
+    pub fn subject(&self) -> Result<&Subject, String> {
+        let leaf = self.leaf().ok_or("no certificate presented")?;
+        self.subject.get_or_init(|| subject(leaf)).as_ref().map_err(Clone::clone)
+    }
+
+    /// Verifies the chain against `verifier`'s bundle, or trusts an earlier verification
+    /// against the same bundle while the chain is valid.
+    pub fn verify(&self, verifier: &ChainVerifier) -> Result<(), String> {
+        let now = SystemTime::now();
+        let within = self
+            .validity
+            .get_or_init(|| validity(&self.certs))
+            .is_some_and(|(from, until)| from <= now && now <= until);
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if within && verified.contains(&verifier.id) {
+            return Ok(());
+        }
+        verifier.verify(&self.certs)?;
+        if verified.len() < MAX_VERIFIED_BUNDLES && !verified.contains(&verifier.id) {
+            verified.push(verifier.id);
+        }
+        Ok(())
+    }
+}
+
+/// When every certificate of `chain` is valid: from the latest `notBefore` to the earliest
+/// `notAfter`; `None` if one does not parse.
+fn validity(chain: &[CertificateDer<'_>]) -> Option<(SystemTime, SystemTime)> {
+    let mut window: Option<(SystemTime, SystemTime)> = None;
+    for cert in chain {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let v = parsed.validity();
+        let at = |t: i64| SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(u64::try_from(t).ok()?));
+        let (from, until) = (at(v.not_before.timestamp())?, at(v.not_after.timestamp())?);
+        window = Some(match window {
+            None => (from, until),
+            Some((f, u)) => (f.max(from), u.min(until)),
+        });
+    }
+    window
 }
 
 /// The subject fields kube reads from a client certificate.
@@ -84,12 +161,39 @@ impl ClientCertAuthenticator {
 
 impl Authenticator for ClientCertAuthenticator {
     fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError> {
-        let Some(leaf) = credentials.peer_certificates.first() else { return Ok(None) };
-        self.verifier.verify(credentials.peer_certificates).map_err(AuthError::ClientCertificate)?;
-        let subject = subject(leaf).map_err(AuthError::ClientCertificate)?;
+        if credentials.peer.leaf().is_none() {
+            return Ok(None);
+        }
+        credentials.peer.verify(&self.verifier).map_err(AuthError::ClientCertificate)?;
+        let subject = credentials.peer.subject().map_err(AuthError::ClientCertificate)?;
         if subject.common_name.is_empty() {
             return Err(AuthError::ClientCertificate("certificate has no common name".into()));
         }
-        Ok(Some(UserInfo::new(subject.common_name, subject.organizations)))
+        Ok(Some(UserInfo::new(subject.common_name.clone(), subject.organizations.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::CertificateAuthority;
+
+    #[test]
+    fn a_connection_remembers_a_verification_only_for_its_bundle() {
+        let (ca, other) =
+            (CertificateAuthority::new("client-ca").unwrap(), CertificateAuthority::new("other-ca").unwrap());
+        let chain = ca.issue_client("alice", &["dev"]).unwrap().certified_key().unwrap().chain;
+        let peer = PeerChain::new(chain);
+        let trusted = ChainVerifier::from_pem(ca.cert_pem().as_bytes(), "client-ca").unwrap();
+        let untrusted = ChainVerifier::from_pem(other.cert_pem().as_bytes(), "other-ca").unwrap();
+        assert!(peer.verify(&untrusted).is_err());
+        assert!(peer.verify(&trusted).is_ok());
+        assert!(peer.verify(&trusted).is_ok(), "again, from what the connection learnt");
+        assert!(peer.verify(&untrusted).is_err(), "one bundle's verification says nothing of another's");
+        // A reloaded bundle is a new bundle: verified afresh, and without the old CA it fails.
+        assert!(peer.verify(&ChainVerifier::from_pem(ca.cert_pem().as_bytes(), "client-ca").unwrap()).is_ok());
+        assert!(peer.verify(&ChainVerifier::from_pem(other.cert_pem().as_bytes(), "client-ca").unwrap()).is_err());
+        assert_eq!(peer.subject().unwrap().common_name, "alice");
+        assert!(PeerChain::default().subject().is_err());
     }
 }

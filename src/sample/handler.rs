@@ -7,13 +7,13 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use crate::auth::x509::PeerChain;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -126,12 +126,8 @@ impl Handler {
         &self.node_name
     }
 
-    /// Answers one request; `peer_certificates` is the chain the TLS client presented.
-    pub async fn handle<B>(
-        &self,
-        request: Request<B>,
-        peer_certificates: &[CertificateDer<'static>],
-    ) -> Response<ResponseBody>
+    /// Answers one request; `peer` is the chain the TLS client presented.
+    pub async fn handle<B>(&self, request: Request<B>, peer: &PeerChain) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -142,7 +138,7 @@ impl Handler {
         }
 
         // 2. Only a proxy holding a requestheader client certificate may assert a user.
-        let credentials = Credentials { peer_certificates, headers: request.headers() };
+        let credentials = Credentials { peer, headers: request.headers() };
         let user = match self.authenticator.authenticate(credentials) {
             Ok(Some(user)) => user.with_authenticated_group(),
             Ok(None) => {
@@ -313,7 +309,7 @@ mod tests {
 
     struct Fixture {
         handler: Handler,
-        proxy_chain: Vec<CertificateDer<'static>>,
+        proxy_chain: Vec<rustls_pki_types::CertificateDer<'static>>,
         _stop: watch::Sender<bool>,
     }
 
@@ -328,8 +324,8 @@ mod tests {
     }
 
     async fn call(f: &Fixture, request: Request<Full<Bytes>>, as_proxy: bool) -> (StatusCode, serde_json::Value) {
-        let chain: &[CertificateDer<'static>] = if as_proxy { &f.proxy_chain } else { &[] };
-        let response = f.handler.handle(request, chain).await;
+        let chain = PeerChain::new(if as_proxy { f.proxy_chain.clone() } else { Vec::new() });
+        let response = f.handler.handle(request, &chain).await;
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (

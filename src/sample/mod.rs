@@ -24,10 +24,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::x509::PeerChain;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -161,8 +161,9 @@ impl SampleServer {
                         return;
                     }
                 };
-                let peer: Arc<[CertificateDer<'static>]> =
-                    tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default().into();
+                let peer = Arc::new(PeerChain::new(
+                    tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default(),
+                ));
                 let service = hyper::service::service_fn(move |request| {
                     let (handler, peer) = (handler.clone(), peer.clone());
                     async move { Ok::<_, std::convert::Infallible>(handler.handle(request, &peer).await) }

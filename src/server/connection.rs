@@ -27,7 +27,6 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -170,9 +169,8 @@ pub async fn serve(
     };
     let (_, session) = tls.get_ref();
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
-    let peer_certificates: Arc<[CertificateDer<'static>]> =
-        session.peer_certificates().map(|c| c.to_vec()).unwrap_or_default().into();
-    let info = Arc::new(ConnectionInfo { remote_addr, peer_certificates });
+    let peer = crate::auth::x509::PeerChain::new(session.peer_certificates().map(|c| c.to_vec()).unwrap_or_default());
+    let info = Arc::new(ConnectionInfo { remote_addr, peer });
     let activity = Activity::new();
     let service = {
         let (gateway, activity) = (ctx.gateway.clone(), activity.clone());

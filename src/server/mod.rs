@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -103,10 +102,11 @@ impl Default for FrontendSettings {
 }
 
 /// What the TLS layer learnt about a connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnectionInfo {
     pub remote_addr: SocketAddr,
-    pub peer_certificates: Arc<[CertificateDer<'static>]>,
+    /// The client's certificate chain, verified and parsed at most once per connection.
+    pub peer: crate::auth::x509::PeerChain,
 }
 
 /// Serves `gateway` on `listener` until `shutdown` completes, then drains connections.

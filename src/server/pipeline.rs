@@ -307,7 +307,7 @@ impl Gateway {
         request: &mut Request<Body>,
     ) -> Result<(UserInfo, Option<Impersonation>), RequestError> {
         let front = self.front.load_full();
-        let credentials = Credentials { peer_certificates: &conn.peer_certificates, headers: request.headers() };
+        let credentials = Credentials { peer: &conn.peer, headers: request.headers() };
         let result = front.auth.authenticate(credentials).await;
         self.metrics.authentication(result.is_ok());
         let user = result.inspect_err(|e| {
