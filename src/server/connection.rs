@@ -299,7 +299,7 @@ pub struct GuardedBody {
 pub struct BodyGuards {
     pub activity: ActivityGuard,
     pub permits: [Option<tokio::sync::OwnedSemaphorePermit>; 2],
-    pub audit: Option<crate::audit::RequestAudit>,
+    pub audit: Option<Box<crate::audit::RequestAudit>>,
     /// The request's server span, which ends with the body.
     pub trace: Option<crate::telemetry::RequestTrace>,
 }

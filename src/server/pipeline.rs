@@ -105,8 +105,9 @@ struct Outcome {
     apiservice: Option<Arc<str>>,
     /// A remote APIService's request series, when it was routed to one.
     series: Option<Arc<ApiServiceSeries>>,
-    /// The request's audit record, when the policy records it.
-    audit: Option<RequestAudit>,
+    /// The request's audit record, when the policy records it. Boxed: it is large, and the
+    /// request's future and response body, which carry it, are moved on every request.
+    audit: Option<Box<RequestAudit>>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The APIService's own flow-control place, when it has limits.
     apiservice_permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -272,7 +273,7 @@ impl Gateway {
             }
         };
         if let Some(auditor) = &self.audit {
-            outcome.audit = auditor.begin(&audit_head(&ctx, &request), &user);
+            outcome.audit = auditor.begin(&audit_head(&ctx, &request), &user).map(Box::new);
         }
         let user = match impersonation {
             None => user,
