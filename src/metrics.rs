@@ -4,16 +4,17 @@
 //! per-APIService request metrics, which upstream lacks, are ours.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Every request the proxy answered: who answered it (`proxy` for its own endpoints and the
@@ -57,6 +58,56 @@ const REQUEST_DURATION_BUCKETS: [f64; 26] = [
     10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 ];
 
+/// The proxy-wide request-duration buckets: 0.1 ms doubling to 13 s.
+const PROXY_DURATION_BUCKETS: [f64; 18] = [
+    0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512, 0.1024, 0.2048, 0.4096, 0.8192,
+    1.6384, 3.2768, 6.5536, 13.1072,
+];
+
+/// A histogram of durations whose observation is two relaxed atomic adds, with no lock:
+/// every request observes one or two, from every core at once, and prometheus-client's
+/// `Histogram` takes a mutex per observation. Buckets are counted apart and summed when
+/// scraped; the sum is kept in nanoseconds.
+#[derive(Debug)]
+pub struct DurationHistogram {
+    bounds: &'static [f64],
+    /// One per bound, then one for `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_nanos: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = self.bounds.partition_point(|bound| *bound < seconds);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    /// The encoder takes each finite bucket's own count (it sums them into `le` lines) and
+    /// writes the total as the `+Inf` bucket.
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts: Vec<u64> = self.buckets.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+        let buckets: Vec<(f64, u64)> = self.bounds.iter().copied().zip(counts.iter().copied()).collect();
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// Distinct (verb, code) pairs kept per APIService. Verbs are a fixed set of 13 and a sane
 /// backend answers with a handful of codes; a backend that cycles through hundreds of codes
 /// is counted in `aggregator_metrics_series_dropped_total` instead of growing the scrape.
@@ -75,7 +126,7 @@ struct GroupVersionVerbCode {
 #[derive(Debug)]
 struct VerbCodeSeries {
     count: Counter,
-    duration: Histogram,
+    duration: DurationHistogram,
 }
 
 /// The request series of one remote APIService. Its route holds it (resolved once, when the
@@ -91,13 +142,12 @@ pub struct ApiServiceSeries {
 
 impl ApiServiceSeries {
     pub fn observe(&self, verb: &'static str, code: u16, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
         let key = (verb, code);
         {
             let series = self.by_verb_code.read().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = series.get(&key) {
                 s.count.inc();
-                s.duration.observe(seconds);
+                s.duration.observe(elapsed);
                 return;
             }
         }
@@ -108,10 +158,10 @@ impl ApiServiceSeries {
         }
         let s = series.entry(key).or_insert_with(|| VerbCodeSeries {
             count: Counter::default(),
-            duration: Histogram::new(REQUEST_DURATION_BUCKETS),
+            duration: DurationHistogram::new(&REQUEST_DURATION_BUCKETS),
         });
         s.count.inc();
-        s.duration.observe(seconds);
+        s.duration.observe(elapsed);
     }
 }
 
@@ -263,7 +313,7 @@ pub struct LevelLabels {
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<ProxyRequestLabels, Counter>,
-    request_duration: Family<TargetLabels, Histogram>,
+    request_duration: Family<TargetLabels, DurationHistogram, fn() -> DurationHistogram>,
     apiservice_requests: Arc<ApiServiceRequests>,
     unavailable_total: Family<NameReasonLabels, Counter>,
     x509_missing_san: Counter,
@@ -318,9 +368,8 @@ impl Metrics {
             "Requests answered, by target (proxy: its own endpoints and errors before routing; delegate; apiservice: an extension server), kube's metric verb and status code",
             requests.clone(),
         );
-        let request_duration = Family::<TargetLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-        });
+        let request_duration: Family<TargetLabels, DurationHistogram, fn() -> DurationHistogram> =
+            Family::new_with_constructor(|| DurationHistogram::new(&PROXY_DURATION_BUCKETS));
         registry.register(
             "aggregator_proxy_request_duration_seconds",
             "Time from the request's arrival to the response headers, by target",
@@ -635,7 +684,7 @@ impl Metrics {
     pub fn request(&self, target: RequestTarget, verb: &'static str, code: u16, elapsed: Duration) {
         let target = target.label();
         self.requests.get_or_create(&ProxyRequestLabels { target, verb, code }).inc();
-        self.request_duration.get_or_create(&TargetLabels { target }).observe(elapsed.as_secs_f64());
+        self.request_duration.get_or_create(&TargetLabels { target }).observe(elapsed);
     }
 
     /// The per-APIService request series, which the routing table resolves for its routes.
@@ -746,6 +795,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"apiserver_kube_aggregator_request_duration_seconds_count{group="b.io",version="v1",verb="LIST",code="503"} 1"#));
+        // 1 ms falls in the bucket bounded by 1 ms (`le` is inclusive), and every bucket after.
+        for (le, n) in [("0.0005", 0), ("0.001", 2), ("60", 2), ("+Inf", 2)] {
+            let line = format!(
+                r#"apiserver_kube_aggregator_request_duration_seconds_bucket{{group="a.io",version="v1",verb="GET",code="200",le="{le}"}} {n}"#
+            );
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains(r#"apiserver_kube_aggregator_request_duration_seconds_sum{group="a.io",version="v1",verb="GET",code="200"} 0.002"#), "{text}");
         metrics.apiservice_requests().retain(|name| name == "v1.a.io");
         let text = metrics.encode();
         assert!(!text.contains(r#"group="b.io""#), "{text}");
