@@ -214,7 +214,20 @@ async fn a_stopped_metrics_server_leaves_its_group_stale_and_the_rest_working() 
             .as_str()
             .map(str::to_owned)
     };
-    let doc = get_aggregated(&client, &proxy.url("/apis")).await;
+    // Until kube-apiserver's own document has been fetched, the proxy serves the legacy list
+    // (clients fall back to it): wait for the aggregated one.
+    let doc = eventually(Duration::from_secs(30), || async {
+        let r = client
+            .request(Method::GET, &proxy.url("/apis"), &[("accept", AGGREGATED)], "")
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status == 200 && r.header("content-type") == Some(AGGREGATED) {
+            Ok(r.json())
+        } else {
+            Err(format!("{} {:?}", r.status, r.header("content-type")))
+        }
+    })
+    .await;
     assert_eq!(freshness(&doc, "metrics.k8s.io").as_deref(), Some("Current"), "{doc}");
 
     blocking(move || cluster.metrics_server().stop()).await;

@@ -1,11 +1,15 @@
 //! The request path, top to bottom.
 //!
+//! 0. With tracing on, the request's server span starts (under the client's `traceparent`);
+//!    its phases below are child spans, and it ends with the response body.
 //! 1. Probes answer first, unauthenticated, so load balancers need no credentials.
 //! 2. Classify (kube's RequestInfo) and start the request deadline: everything after this,
 //!    authentication included, must finish within `--request-timeout` unless the request is
 //!    long-running, as in kube-apiserver's filter chain.
 //! 3. Authenticate, read the impersonation headers, then strip every identity header the
 //!    client sent (X-Remote-*, Impersonate-*, Authorization) before anything can forward them.
+//!    With audit on, the policy judges the authenticated request here and `RequestReceived`
+//!    is written (or, for a failed authentication, its one `ResponseStarted` event).
 //! 4. Impersonate, when asked and allowed (kube's rules, `crate::auth::impersonation`): the
 //!    identity the backend will see is decided by these two steps and nowhere else.
 //! 5. The in-flight limits, which need the user (system:masters is never refused).
@@ -15,8 +19,10 @@
 //!    the delegate authorizes what it serves itself.
 //! 8. Forward to the backend or the delegate with that identity injected, or answer from the
 //!    proxy's own endpoints.
-//! 9. Log and count, with the Audit-ID the backend also saw. The response body carries the
-//!    connection's activity guard, the in-flight permit and the deadline until it is sent.
+//! 9. Log and count (kube's verb; per APIService by the series its route holds), with the
+//!    Audit-ID the backend also saw. The response body carries the connection's activity
+//!    guard, the in-flight permits, the deadline, the audit record (`ResponseComplete`) and
+//!    the server span until it is sent.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,8 +94,8 @@ pub struct Gateway {
 /// deadline, and the Audit-ID the backend sees.
 struct RequestContext<'a> {
     conn: &'a ConnectionInfo,
-    /// When the request arrived, for audit's timestamps.
-    received: std::time::SystemTime,
+    /// When the request arrived, for audit's timestamps (read only when audit is on).
+    received: Option<std::time::SystemTime>,
     /// The request's server span, when tracing is on.
     trace: Option<&'a RequestTrace>,
     table: &'a RoutingTable,
@@ -152,7 +158,7 @@ impl Gateway {
         request: Request<Incoming>,
     ) -> Response<GuardedBody> {
         let started = Instant::now();
-        let received = std::time::SystemTime::now();
+        let received = self.audit.as_ref().map(|_| std::time::SystemTime::now());
         // Boxed once here; forwarding passes the same box on.
         let request = request.map(Body::new);
         let method = request.method().clone();
@@ -493,7 +499,7 @@ fn audit_head<'a>(ctx: &RequestContext<'a>, request: &'a Request<Body>) -> Reque
         headers: request.headers(),
         remote: ctx.conn.remote_addr.ip(),
         audit_id: ctx.audit_id.to_str().unwrap_or_default(),
-        received: ctx.received,
+        received: ctx.received.unwrap_or_else(std::time::SystemTime::now),
     }
 }
 
