@@ -5,7 +5,7 @@
 //! Each request gets a server span, a child of the client's W3C `traceparent` when it sends
 //! one, so a trace crosses client -> proxy -> extension server (or kube-apiserver). The span
 //! carries OpenTelemetry's HTTP attributes and the APIService; the request's phases are child
-//! spans (`authenticate`, `impersonate`, `authorize`) and a client span for the hop to the
+//! spans (`authenticate`, `impersonate`, `authorize`), a `routed` event, and a client span for the hop to the
 //! backend, whose context is what the backend receives in `traceparent`. That client span
 //! records when a backend connection was acquired (pool wait and connect before it, response
 //! headers after). The server span ends when the response body does (a watch's span lasts
@@ -231,6 +231,7 @@ impl RequestTrace {
     /// APIService (a route, not the path: its names stay few), else by its target.
     pub fn routed(&self, apiservice: Option<(&str, &str, &str)>, target: &'static str) {
         let span = self.cx.span();
+        span.add_event("routed", vec![KeyValue::new("k8s.aggregator.target", target)]);
         span.set_attribute(KeyValue::new("k8s.aggregator.target", target));
         match apiservice {
             Some((name, group, version)) => {

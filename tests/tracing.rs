@@ -131,7 +131,8 @@ async fn one_trace_crosses_client_proxy_and_extension_server() {
     assert_eq!(text(server, "user_agent.original"), "trace-test/1");
     assert_eq!(text(server, "audit-id"), r.headers["audit-id"].to_str().unwrap());
     assert_eq!(int(server, "http.response.status_code"), 200);
-    assert!(server.events.iter().any(|e| e.name == "response body end"), "{:?}", server.events);
+    let events: Vec<&str> = server.events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(events, ["routed", "response body end"]);
     assert!(server.end_time_unix_nano >= server.start_time_unix_nano);
 
     let child = |name: &str| {
