@@ -1,8 +1,12 @@
 //! The Kubernetes binaries, built from the Go module proxy by `tests/e2e/k8s/build.sh`.
 //!
 //! build.sh is the single source of truth for versions and cache paths; it is run once per
-//! test binary under an exclusive file lock in the cache directory, so test binaries that
-//! start together wait for one build instead of building twice. A warm run does no Go work.
+//! process under an exclusive file lock in the cache directory, so processes that start
+//! together wait for one build instead of building twice. A warm run does no Go work.
+//!
+//! The script and the Go modules beside it are compiled into the crate ([`RECIPE`]) and written
+//! to the cache directory before use, so a `kube-aggregation-proxy` binary copied away from
+//! its source tree can still run `demo --cluster`.
 
 use std::collections::HashMap;
 use std::env;
@@ -30,10 +34,58 @@ pub fn binaries() -> Result<&'static Binaries, String> {
     BINARIES.get_or_init(build).as_ref().map_err(Clone::clone)
 }
 
+/// build.sh and the Go modules it builds from, as files relative to the script.
+const RECIPE: [(&str, &str); 8] = [
+    ("build.sh", include_str!("../../tests/e2e/k8s/build.sh")),
+    ("apiserver/go.mod", include_str!("../../tests/e2e/k8s/apiserver/go.mod")),
+    ("apiserver/go.sum", include_str!("../../tests/e2e/k8s/apiserver/go.sum")),
+    ("etcd/go.mod", include_str!("../../tests/e2e/k8s/etcd/go.mod")),
+    ("etcd/go.sum", include_str!("../../tests/e2e/k8s/etcd/go.sum")),
+    ("etcd/main.go", include_str!("../../tests/e2e/k8s/etcd/main.go")),
+    ("metrics-server/go.mod", include_str!("../../tests/e2e/k8s/metrics-server/go.mod")),
+    ("metrics-server/go.sum", include_str!("../../tests/e2e/k8s/metrics-server/go.sum")),
+];
+
+/// The recipe's files under `cache/recipe/<content hash>`, written once (to a temporary
+/// directory renamed into place, so a concurrent writer never leaves half a recipe).
+fn recipe_dir(cache: &Path) -> Result<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for (name, text) in RECIPE {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update(text.as_bytes());
+    }
+    let digest: String = hash.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let dir = cache.join("recipe").join(digest);
+    if dir.join("build.sh").is_file() {
+        return Ok(dir);
+    }
+    let parent = cache.join("recipe");
+    fs::create_dir_all(&parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".staging-")
+        .tempdir_in(&parent)
+        .map_err(|e| format!("creating a directory in {}: {e}", parent.display()))?;
+    for (name, text) in RECIPE {
+        let path = staging.path().join(name);
+        if let Some(d) = path.parent() {
+            fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        }
+        fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    match fs::rename(staging.path(), &dir) {
+        Ok(()) => Ok(dir),
+        // Another process put the same recipe there first.
+        Err(_) if dir.join("build.sh").is_file() => Ok(dir),
+        Err(e) => Err(format!("writing the build recipe to {}: {e}", dir.display())),
+    }
+}
+
 fn build() -> Result<Binaries, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/k8s/build.sh");
     let cache = cache_dir();
     fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
+    let script = recipe_dir(&cache)?.join("build.sh");
 
     let mut names = vec!["etcd", "kube-apiserver", "sample-apiserver", "metrics-server"];
     let installed_kubectl = env::var_os("KUBECTL").map(PathBuf::from).or_else(|| find_on_path("kubectl"));
