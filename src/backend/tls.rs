@@ -54,15 +54,16 @@ pub fn client_tls_config(
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TransportError { field: "tls", reason: e.to_string() })?;
-    let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_tls_verify {
-        Arc::new(NoVerification(provider))
+    let roots = if tls.insecure_skip_tls_verify {
+        None
     } else {
-        let roots = Arc::new(root_store(&tls.ca_bundle)?);
-        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
+        let store = Arc::new(root_store(&tls.ca_bundle)?);
+        let webpki = WebPkiServerVerifier::builder_with_provider(store, provider.clone())
             .build()
             .map_err(|e| TransportError { field: "spec.caBundle", reason: e.to_string() })?;
-        Arc::new(SanCountingVerifier { inner, missing_san })
+        Some(webpki)
     };
+    let verifier = Arc::new(BackendVerifier { provider, roots, missing_san });
     let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
     // Resolved at each handshake: a reloaded certificate is used by the next connection.
     Ok(builder.with_client_cert_resolver(Arc::new(proxy_client_cert.clone())))
@@ -83,16 +84,20 @@ fn root_store(ca_bundle: &[u8]) -> Result<RootCertStore, TransportError> {
     Ok(roots)
 }
 
-/// The roots' verification, counting the refusals kube-aggregator counts in
-/// `apiserver_kube_aggregator_x509_missing_san_total`: a certificate that names its host only
-/// in the Common Name, which Go (since 1.15) and webpki both reject.
+/// How a backend's certificate is judged: against the roots (the caBundle or the system's),
+/// or not at all with `insecureSkipTLSVerify: true`, though the handshake must still be signed
+/// by the key in the certificate. Refusals of a certificate that names its host only in the
+/// Common Name (which Go since 1.15 and webpki both reject) are counted, as kube-aggregator's
+/// `apiserver_kube_aggregator_x509_missing_san_total`.
 #[derive(Debug)]
-struct SanCountingVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+struct BackendVerifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// `None`: insecureSkipTLSVerify.
+    roots: Option<Arc<WebPkiServerVerifier>>,
     missing_san: Counter,
 }
 
-impl ServerCertVerifier for SanCountingVerifier {
+impl ServerCertVerifier for BackendVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -101,7 +106,8 @@ impl ServerCertVerifier for SanCountingVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        let Some(roots) = &self.roots else { return Ok(ServerCertVerified::assertion()) };
+        let verified = roots.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
         if let Err(rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         )) = &verified
@@ -119,7 +125,7 @@ impl ServerCertVerifier for SanCountingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -128,57 +134,17 @@ impl ServerCertVerifier for SanCountingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 fn lacks_subject_alt_name(cert: &CertificateDer<'_>) -> bool {
     x509_parser::parse_x509_certificate(cert)
         .is_ok_and(|(_, c)| c.subject_alternative_name().is_ok_and(|san| san.is_none()))
-}
-
-/// `insecureSkipTLSVerify: true`: accept any certificate, but still check that the handshake
-/// is signed by the key in it.
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Words a failed backend exchange for the client: the kind of failure and, for TLS, what was
