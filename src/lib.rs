@@ -18,8 +18,8 @@
 //! the `Available` condition), [`check`] (the troubleshooting command), [`compare`] (two kubeconfigs side by side), [`testbed`] (a real control plane on loopback),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
 //! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`telemetry`] (OpenTelemetry tracing), [`config`], [`app`]
-//! (wiring), [`demo`], [`pki`] and [`tls`] (certificates), and [`sample`] (the sample
-//! extension API server).
+//! (wiring), [`demo`], [`pki`] and [`tls`] (certificates). The sample extension API server
+//! is part of the [`testbed`], not of the proxy.
 #![forbid(unsafe_code)]
 
 pub mod apiservice;
@@ -31,13 +31,13 @@ pub mod backend;
 pub mod check;
 pub mod compare;
 pub mod config;
+#[cfg(feature = "testbed")]
 pub mod demo;
 pub mod discovery;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod routing;
-pub mod sample;
 pub mod server;
 pub mod source;
 pub mod status;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kube_aggregation_proxy::config::{Config, ConfigError, Settings};
-use kube_aggregation_proxy::{app, check, compare, demo};
+#[cfg(feature = "testbed")]
+use kube_aggregation_proxy::demo;
+use kube_aggregation_proxy::{app, check, compare};
 
 /// mimalloc rather than the system allocator: after a flood of connections ends, glibc's
 /// malloc keeps the freed per-connection buffers in its arenas (RSS stayed at the peak),
@@ -94,24 +96,36 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 
+/// `demo`: the sample extension server and the proxy, or (`--cluster`) a real control plane
+/// with the proxy in front; either runs until Ctrl-C.
 #[cfg(feature = "testbed")]
-async fn cluster_demo(dir: &std::path::Path) -> ExitCode {
-    let demo = match demo::cluster::ClusterDemo::start(dir).await {
+async fn run_demo(dir: &std::path::Path, port: u16, cluster: bool) -> ExitCode {
+    let started = if cluster {
+        let started = demo::cluster::ClusterDemo::start(dir).await;
+        started.map(|d| (d.instructions(), Box::pin(d.shutdown()) as Shutdown)).map_err(|e| e.to_string())
+    } else {
+        let started = demo::Demo::start(dir, port).await;
+        started.map(|d| (d.instructions(), Box::pin(d.shutdown()) as Shutdown)).map_err(|e| e.to_string())
+    };
+    let (instructions, stop) = match started {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("demo --cluster: {e}");
+            eprintln!("demo{}: {e}", if cluster { " --cluster" } else { "" });
             return ExitCode::FAILURE;
         }
     };
-    println!("{}", demo.instructions());
+    println!("{instructions}");
     shutdown_signal().await;
-    demo.shutdown().await;
+    stop.await;
     ExitCode::SUCCESS
 }
 
+#[cfg(feature = "testbed")]
+type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
 #[cfg(not(feature = "testbed"))]
-async fn cluster_demo(_: &std::path::Path) -> ExitCode {
-    eprintln!("demo --cluster: this binary was built without the `testbed` feature");
+async fn run_demo(_: &std::path::Path, _: u16, _: bool) -> ExitCode {
+    eprintln!("demo: this binary was built without the `testbed` feature");
     ExitCode::FAILURE
 }
 
@@ -197,20 +211,7 @@ async fn main() -> ExitCode {
                     }
                 },
             };
-            if cluster {
-                return cluster_demo(&dir).await;
-            }
-            let demo = match demo::Demo::start(&dir, port).await {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("demo: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            println!("{}", demo.instructions());
-            shutdown_signal().await;
-            demo.shutdown().await;
-            ExitCode::SUCCESS
+            run_demo(&dir, port, cluster).await
         }
     }
 }

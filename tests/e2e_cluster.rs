@@ -253,7 +253,7 @@ impl EchoBackend {
     async fn start(cluster: &'static Cluster) -> Self {
         use kube_aggregation_proxy::auth::requestheader::RequestHeaderConfig;
         use kube_aggregation_proxy::auth::x509::ChainVerifier;
-        use kube_aggregation_proxy::sample::{SampleServer, SampleServerConfig};
+        use kube_aggregation_proxy::testbed::sample::{SampleServer, SampleServerConfig};
         let front_proxy_ca = &cluster.pki().front_proxy_ca.cert.cert_pem;
         let verifier = ChainVerifier::from_pem(front_proxy_ca.as_bytes(), "front-proxy CA").unwrap();
         let serving = kube_aggregation_proxy::pki::self_signed_localhost().unwrap().certified_key().unwrap();

@@ -13,7 +13,7 @@ use http::{Method, StatusCode, Version};
 use kube_aggregation_proxy::auth::requestheader::RequestHeaderConfig;
 use kube_aggregation_proxy::auth::x509::ChainVerifier;
 use kube_aggregation_proxy::pki::{CertificateAuthority, PemPair};
-use kube_aggregation_proxy::sample::{SampleServer, SampleServerConfig};
+use kube_aggregation_proxy::testbed::sample::{SampleServer, SampleServerConfig};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

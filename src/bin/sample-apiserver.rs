@@ -13,7 +13,7 @@ use clap::Parser;
 use kube_aggregation_proxy::auth::requestheader::RequestHeaderConfig;
 use kube_aggregation_proxy::auth::x509::ChainVerifier;
 use kube_aggregation_proxy::pki;
-use kube_aggregation_proxy::sample::{SampleServer, SampleServerConfig};
+use kube_aggregation_proxy::testbed::sample::{SampleServer, SampleServerConfig};
 use kube_aggregation_proxy::tls::CertifiedKey;
 
 /// Exit code for bad flags or unreadable files (EX_USAGE).

@@ -19,7 +19,7 @@ use crate::auth::requestheader::RequestHeaderConfig;
 use crate::auth::x509::ChainVerifier;
 use crate::config::Settings;
 use crate::pki::{self, CertificateAuthority, PkiError};
-use crate::sample::{SampleServer, SampleServerConfig};
+use crate::testbed::sample::{SampleServer, SampleServerConfig};
 
 /// The APIService manifests the demo registers, with their file names.
 pub const MANIFESTS: [(&str, &str); 2] = [

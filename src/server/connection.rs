@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::listener::ConnectionPermit;
-use super::{ConnectionInfo, FrontendSettings, Gateway};
+use super::{ConnectionInfo, FrontendSettings, RequestHandler};
 use crate::metrics::Metrics;
 use crate::tls::ALPN_H2;
 
@@ -50,16 +50,16 @@ pub enum ServerState {
 }
 
 /// What every connection shares.
-pub struct ConnectionContext {
-    pub gateway: Arc<Gateway>,
+pub struct ConnectionContext<H> {
+    pub handler: Arc<H>,
     pub settings: FrontendSettings,
     pub metrics: Arc<Metrics>,
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
-impl ConnectionContext {
-    pub fn new(gateway: Arc<Gateway>, settings: FrontendSettings) -> Self {
+impl<H: RequestHandler> ConnectionContext<H> {
+    pub fn new(handler: Arc<H>, settings: FrontendSettings) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1.timer(TokioTimer::new()).header_read_timeout(settings.request_header_timeout).keep_alive(true);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -68,8 +68,8 @@ impl ConnectionContext {
             .max_concurrent_streams(settings.http2_max_streams_per_connection)
             .keep_alive_interval(settings.http2_keepalive_interval)
             .keep_alive_timeout(settings.http2_keepalive_timeout);
-        let metrics = gateway.metrics.clone();
-        Self { gateway, settings, metrics, http1, http2 }
+        let metrics = handler.metrics().clone();
+        Self { handler, settings, metrics, http1, http2 }
     }
 }
 
@@ -138,18 +138,18 @@ impl Drop for ActivityGuard {
 
 /// Serves one accepted TCP connection until it closes, is idle too long, or the server
 /// closes it. `permit` is held until then.
-pub async fn serve(
+pub async fn serve<H: RequestHandler>(
     stream: TcpStream,
     remote_addr: std::net::SocketAddr,
     permit: ConnectionPermit,
-    ctx: Arc<ConnectionContext>,
+    ctx: Arc<ConnectionContext<H>>,
     mut state: watch::Receiver<ServerState>,
 ) {
     let _permit = permit;
     let _open = ctx.metrics.open_connection();
     let _ = stream.set_nodelay(true);
     // The credentials in force now (they are reloaded when their files change).
-    let acceptor = TlsAcceptor::from(ctx.gateway.front.load().tls.clone());
+    let acceptor = TlsAcceptor::from(ctx.handler.tls_config());
     let handshake = tokio::time::timeout(ctx.settings.tls_handshake_timeout, acceptor.accept(stream));
     let tls = tokio::select! {
         result = handshake => match result {
@@ -173,10 +173,10 @@ pub async fn serve(
     let info = Arc::new(ConnectionInfo { remote_addr, peer });
     let activity = Activity::new();
     let service = {
-        let (gateway, activity) = (ctx.gateway.clone(), activity.clone());
+        let (handler, activity) = (ctx.handler.clone(), activity.clone());
         service_fn(move |request| {
-            let (gateway, info, guard) = (gateway.clone(), info.clone(), activity.begin());
-            async move { Ok::<_, std::convert::Infallible>(gateway.handle(&info, guard, request).await) }
+            let (handler, info, guard) = (handler.clone(), info.clone(), activity.begin());
+            async move { Ok::<_, std::convert::Infallible>(handler.handle(&info, guard, request).await) }
         })
     };
     let io = TokioIo::new(tls);
@@ -225,10 +225,10 @@ where
 
 /// Runs `conn` to its end, closing it for idleness or on the server's word. Returns why the
 /// proxy closed it, when it did.
-async fn drive<C: GracefulConnection>(
+async fn drive<C: GracefulConnection, H>(
     conn: C,
     activity: &Activity,
-    ctx: &ConnectionContext,
+    ctx: &ConnectionContext<H>,
     state: &mut watch::Receiver<ServerState>,
 ) -> Option<&'static str> {
     tokio::pin!(conn);

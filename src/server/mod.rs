@@ -4,6 +4,10 @@
 //!
 //! Each connection's peer certificates and address are read once after the handshake and
 //! handed to every request on it, so authentication never touches the TLS state again.
+//!
+//! What is served behind it is a [`RequestHandler`]: the proxy's [`Gateway`], or the
+//! testbed's sample extension server, which thereby has the same TLS, limits, timeouts and
+//! graceful shutdown rather than a copy of them.
 
 pub mod apiregistration;
 pub mod connection;
@@ -20,10 +24,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use connection::{ConnectionContext, ServerState};
+use crate::metrics::Metrics;
+use connection::{ActivityGuard, ConnectionContext, GuardedBody, ServerState};
 use listener::{AcceptBackoff, ConnectionLimits, LogThrottle};
 pub use pipeline::Gateway;
 
@@ -109,10 +116,46 @@ pub struct ConnectionInfo {
     pub peer: crate::auth::x509::PeerChain,
 }
 
-/// Serves `gateway` on `listener` until `shutdown` completes, then drains connections.
-pub async fn serve(
+/// What the front end serves.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// The TLS configuration for the next connection; credentials reloaded from their files
+    /// take effect there.
+    fn tls_config(&self) -> Arc<rustls::ServerConfig>;
+    /// Where connections are counted.
+    fn metrics(&self) -> &Arc<Metrics>;
+    /// Answers one request of the connection `conn`. `activity` must live until the response
+    /// body is done: the connection is idle (and may be closed) once it is dropped.
+    fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        activity: ActivityGuard,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<GuardedBody>> + Send;
+}
+
+impl RequestHandler for Gateway {
+    fn tls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.front.load().tls.clone()
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        activity: ActivityGuard,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<GuardedBody>> + Send {
+        Gateway::handle(self, conn, activity, request)
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` completes, then drains connections.
+pub async fn serve<H: RequestHandler>(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    handler: Arc<H>,
     settings: FrontendSettings,
     lifecycle: watch::Sender<Lifecycle>,
     shutdown: impl Future<Output = ()>,
@@ -122,9 +165,9 @@ pub async fn serve(
         settings.max_connections_per_client,
         listener::open_file_limit(),
     );
-    let metrics = gateway.metrics.clone();
+    let metrics = handler.metrics().clone();
     metrics.set_max_connections(limits.max_connections());
-    let ctx = Arc::new(ConnectionContext::new(gateway, settings));
+    let ctx = Arc::new(ConnectionContext::new(handler, settings));
     let (state_tx, state) = watch::channel(ServerState::Serving);
     let refused_log = LogThrottle::per_second();
     let accept_log = LogThrottle::per_second();

@@ -11,7 +11,7 @@ use kube_aggregation_proxy::auth::requestheader::RequestHeaderConfig;
 use kube_aggregation_proxy::auth::x509::ChainVerifier;
 use kube_aggregation_proxy::config::Settings;
 use kube_aggregation_proxy::pki::{CertificateAuthority, PemPair};
-use kube_aggregation_proxy::sample::{SampleServer, SampleServerConfig};
+use kube_aggregation_proxy::testbed::sample::{SampleServer, SampleServerConfig};
 
 use super::client::{TestClient, TestClientBuilder};
 

@@ -10,8 +10,9 @@
 //! [`handler`] holds the request path.
 //!
 //! [`SampleServer::bind`] binds first (so port 0 works and the address is known before
-//! serving); [`SampleServer::run`] serves until its shutdown future completes, then ends open
-//! watches and gives connections [`SHUTDOWN_GRACE`] to finish.
+//! serving); [`SampleServer::run`] serves until its shutdown future completes. It is served by
+//! the proxy's own front end ([`crate::server::serve`]): the same TLS handshake deadline,
+//! connection limits, idle timeouts and graceful shutdown, which also ends open watches.
 
 pub mod discovery;
 pub mod echo;
@@ -22,25 +23,19 @@ pub mod openapi;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::auth::x509::PeerChain;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::requestheader::{RequestHeaderAuthenticator, RequestHeaderConfig};
+use crate::metrics::Metrics;
+use crate::server::connection::{ActivityGuard, BodyGuards, GuardedBody};
+use crate::server::{self, ConnectionInfo, FrontendSettings, Lifecycle, RequestHandler};
 use crate::tls::{self, CertifiedKey, TlsError};
 use handler::Handler;
 use node_metrics::Sampler;
-
-/// How long a client may take to finish the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long open connections get to finish after shutdown begins.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything the sample server needs; the binary builds it from flags, tests and the demo
 /// from generated PKI.
@@ -68,17 +63,44 @@ pub enum SampleError {
 pub struct SampleServer {
     listener: TcpListener,
     local_addr: SocketAddr,
-    acceptor: TlsAcceptor,
-    handler: Arc<Handler>,
+    service: Arc<SampleService>,
     sampler: Arc<Sampler>,
     stop: watch::Sender<bool>,
+}
+
+/// What the front end serves: the handler behind its TLS configuration.
+struct SampleService {
+    tls: Arc<rustls::ServerConfig>,
+    /// The front end's connection counters; the sample server does not publish them.
+    metrics: Arc<Metrics>,
+    handler: Handler,
+}
+
+impl RequestHandler for SampleService {
+    fn tls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.tls.clone()
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    async fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        activity: ActivityGuard,
+        request: Request<Incoming>,
+    ) -> Response<GuardedBody> {
+        let guards = BodyGuards { activity, permits: [None, None], audit: None, trace: None };
+        self.handler.handle(request, &conn.peer).await.map(|body| GuardedBody::new(body, guards, None, None))
+    }
 }
 
 impl std::fmt::Debug for SampleServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SampleServer")
             .field("local_addr", &self.local_addr)
-            .field("node_name", &self.handler.node_name())
+            .field("node_name", &self.service.handler.node_name())
             .finish_non_exhaustive()
     }
 }
@@ -103,14 +125,8 @@ impl SampleServer {
         let (stop, stop_rx) = watch::channel(false);
         let handler =
             Handler::new(RequestHeaderAuthenticator::new(config.requestheader), node_name, sampler.clone(), stop_rx);
-        Ok(Self {
-            listener,
-            local_addr,
-            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
-            handler: Arc::new(handler),
-            sampler,
-            stop,
-        })
+        let service = SampleService { tls: Arc::new(tls_config), metrics: Arc::new(Metrics::new()), handler };
+        Ok(Self { listener, local_addr, service: Arc::new(service), sampler, stop })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -119,67 +135,25 @@ impl SampleServer {
 
     /// The node name NodeMetrics reports.
     pub fn node_name(&self) -> &str {
-        self.handler.node_name()
+        self.service.handler.node_name()
     }
 
     /// Serves until `shutdown` completes: accepts connections, samples node metrics in the
-    /// background, and on shutdown stops accepting, ends watches, and waits up to
-    /// [`SHUTDOWN_GRACE`] for open connections.
+    /// background, and on shutdown stops accepting, ends watches, and lets open connections
+    /// finish within the front end's grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Self { listener, local_addr, acceptor, handler, sampler, stop } = self;
+        let Self { listener, local_addr, service, sampler, stop } = self;
         // Aborted on drop, so the sampler stops even when this future is dropped mid-serve.
         let _sampling = AbortOnDrop(tokio::spawn(sampler.run(node_metrics::DEFAULT_SAMPLE_INTERVAL)));
-        let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
-        tracing::info!(address = %local_addr, node = handler.node_name(), "sample-apiserver serving");
-
-        tokio::pin!(shutdown);
-        loop {
-            let (tcp, remote) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Usually transient (out of file descriptors); back off instead of spinning.
-                        tracing::warn!(%error, "accepting a connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let watcher = graceful.watcher();
-            let (acceptor, handler, builder) = (acceptor.clone(), handler.clone(), builder.clone());
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%remote, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let peer = Arc::new(PeerChain::new(
-                    tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default(),
-                ));
-                let service = hyper::service::service_fn(move |request| {
-                    let (handler, peer) = (handler.clone(), peer.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handler.handle(request, &peer).await) }
-                });
-                let connection = builder.serve_connection(TokioIo::new(tls), service).into_owned();
-                if let Err(error) = watcher.watch(connection).await {
-                    tracing::debug!(%remote, %error, "connection ended with an error");
-                }
-            });
-        }
-
-        drop(listener);
-        stop.send_replace(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
-            tracing::info!("connections still open after the shutdown grace period; closing them");
-        }
+        let (lifecycle, mut draining) = watch::channel(Lifecycle::Serving);
+        // Watches end as soon as the front end starts draining.
+        let _end_watches = AbortOnDrop(tokio::spawn(async move {
+            if draining.wait_for(|l| *l == Lifecycle::Draining).await.is_ok() {
+                stop.send_replace(true);
+            }
+        }));
+        tracing::info!(address = %local_addr, node = service.handler.node_name(), "sample-apiserver serving");
+        server::serve(listener, service, FrontendSettings::default(), lifecycle, shutdown).await;
         tracing::info!(address = %local_addr, "sample-apiserver stopped");
     }
 }

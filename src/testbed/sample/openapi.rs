@@ -10,11 +10,10 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::discovery::{GROUP_ECHO, GROUP_METRICS, VERSION_ECHO, VERSION_METRICS};
-use crate::discovery::published::sha512_hex;
+use crate::discovery::published::Published;
 
 const OBJECT_META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
 const LIST_META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ListMeta";
@@ -24,34 +23,19 @@ const QUANTITY: &str = "io.k8s.apimachinery.pkg.api.resource.Quantity";
 const METRICS: &str = "io.k8s.metrics.pkg.apis.metrics.v1beta1";
 const ECHO: &str = "com.example.echo.v1";
 
-/// A document ready to serve: its bytes and the upper-case hex SHA-512 used as `ETag` and
-/// `?hash=`.
-#[derive(Debug, Clone)]
-pub struct Document {
-    pub body: Bytes,
-    pub hash: String,
-}
-
-impl Document {
-    fn new(value: &Value) -> Self {
-        let body = Bytes::from(serde_json::to_vec(value).unwrap_or_default());
-        let hash = sha512_hex(&body);
-        Self { body, hash }
-    }
-
-    /// `"<hash>"`, as written in `ETag`.
-    pub fn etag(&self) -> String {
-        format!("\"{}\"", self.hash)
-    }
+/// A document ready to serve, with the upper-case hex SHA-512 that is its `ETag` and
+/// `?hash=`: the proxy's own [`Published`].
+fn document(value: &Value) -> Published {
+    Published::new("application/json", serde_json::to_vec(value).unwrap_or_default())
 }
 
 /// Every OpenAPI document the sample server serves.
 #[derive(Debug)]
 pub struct SampleOpenApi {
-    pub v2: Document,
-    pub v3_root: Document,
+    pub v2: Published,
+    pub v3_root: Published,
     /// `apis/<group>/<version>` -> document.
-    pub v3: BTreeMap<String, Document>,
+    pub v3: BTreeMap<String, Published>,
 }
 
 /// Built once, on first use.
@@ -379,13 +363,13 @@ fn build() -> SampleOpenApi {
     let mut echo = meta_schemas(d);
     echo.extend(echo_schemas(d));
     let v3 = BTreeMap::from([
-        (format!("apis/{GROUP_METRICS}/{VERSION_METRICS}"), Document::new(&v3_document(metrics_paths(d), metrics))),
-        (format!("apis/{GROUP_ECHO}/{VERSION_ECHO}"), Document::new(&v3_document(echo_paths(d), echo))),
+        (format!("apis/{GROUP_METRICS}/{VERSION_METRICS}"), document(&v3_document(metrics_paths(d), metrics))),
+        (format!("apis/{GROUP_ECHO}/{VERSION_ECHO}"), document(&v3_document(echo_paths(d), echo))),
     ]);
     let root = json!({"paths": v3.iter().map(|(path, doc)| {
-        (path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={}", doc.hash)}))
+        (path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={}", doc.hash())}))
     }).collect::<Map<_, _>>()});
-    SampleOpenApi { v2: Document::new(&v2), v3_root: Document::new(&root), v3 }
+    SampleOpenApi { v2: document(&v2), v3_root: document(&root), v3 }
 }
 
 #[cfg(test)]
@@ -410,7 +394,7 @@ mod tests {
     #[test]
     fn every_reference_resolves_in_both_versions() {
         let docs = &*DOCUMENTS;
-        let v2: Value = serde_json::from_slice(&docs.v2.body).unwrap();
+        let v2: Value = serde_json::from_slice(docs.v2.body()).unwrap();
         let mut all = Vec::new();
         refs(&v2, &mut all);
         assert!(!all.is_empty());
@@ -419,7 +403,7 @@ mod tests {
             assert!(v2["definitions"].get(name).is_some(), "v2: {r}");
         }
         for (path, doc) in &docs.v3 {
-            let v3: Value = serde_json::from_slice(&doc.body).unwrap();
+            let v3: Value = serde_json::from_slice(doc.body()).unwrap();
             let mut all = Vec::new();
             refs(&v3, &mut all);
             for r in all {
@@ -431,17 +415,17 @@ mod tests {
 
     #[test]
     fn each_served_kind_is_described_with_its_group_version_kind() {
-        let v2: Value = serde_json::from_slice(&DOCUMENTS.v2.body).unwrap();
+        let v2: Value = serde_json::from_slice(DOCUMENTS.v2.body()).unwrap();
         let node = &v2["definitions"]["io.k8s.metrics.pkg.apis.metrics.v1beta1.NodeMetrics"];
         assert_eq!(node["x-kubernetes-group-version-kind"][0]["kind"], "NodeMetrics");
-        let echo: Value = serde_json::from_slice(&DOCUMENTS.v3["apis/echo.example.com/v1"].body).unwrap();
+        let echo: Value = serde_json::from_slice(DOCUMENTS.v3["apis/echo.example.com/v1"].body()).unwrap();
         assert_eq!(
             echo["components"]["schemas"]["com.example.echo.v1.Echo"]["x-kubernetes-group-version-kind"][0]["group"],
             "echo.example.com"
         );
-        let root: Value = serde_json::from_slice(&DOCUMENTS.v3_root.body).unwrap();
+        let root: Value = serde_json::from_slice(DOCUMENTS.v3_root.body()).unwrap();
         let url = root["paths"]["apis/metrics.k8s.io/v1beta1"]["serverRelativeURL"].as_str().unwrap();
-        assert!(url.ends_with(&DOCUMENTS.v3["apis/metrics.k8s.io/v1beta1"].hash));
+        assert!(url.ends_with(&DOCUMENTS.v3["apis/metrics.k8s.io/v1beta1"].hash()));
         assert!(v2["paths"].as_object().unwrap().keys().all(|p| p.starts_with("/apis/")));
     }
 }

@@ -4,16 +4,14 @@
 //! `X-Remote-*` headers; then the path picks discovery, node metrics or the echo API. Every
 //! failure is answered with a Kubernetes `Status` body, as k8s.io/apiserver does.
 
-use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use crate::auth::x509::PeerChain;
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY};
+use http::header::{CONTENT_TYPE, VARY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -23,10 +21,13 @@ use super::node_metrics::{MetricsList, NodeMetrics, Sampler};
 use super::openapi;
 use crate::auth::requestheader::RequestHeaderAuthenticator;
 use crate::auth::{Authenticator, Credentials, UserInfo};
+use crate::discovery::aggregated::{negotiate, Negotiated};
+use crate::discovery::published::Published;
 use crate::status::{Status, StatusDetails};
 
-/// Every response body: whole documents and watch streams alike.
-pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+/// Every response body: whole documents and watch streams alike (the proxy's body type, so
+/// the proxy's front end serves the sample server too).
+pub type ResponseBody = axum::body::Body;
 
 /// Paths answered `ok` without authentication, as kube's health checks are.
 pub const HEALTH_PATHS: &[&str] = &["/healthz", "/livez", "/readyz"];
@@ -36,8 +37,7 @@ pub const MAX_ECHO_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 const APPLICATION_JSON: &str = "application/json";
 
-/// A `Status` failure response, as kube-apiserver writes it; the body type is the crate's
-/// [`Status`], serialized here because the sample server's bodies are not axum's.
+/// A `Status` failure response, as kube-apiserver writes it: the proxy's own [`Status`].
 pub fn status_response(
     code: StatusCode,
     reason: &'static str,
@@ -46,12 +46,11 @@ pub fn status_response(
 ) -> Response<ResponseBody> {
     let mut status = Status::failure(code, reason, message);
     status.details = details;
-    let body = serde_json::to_vec(&status).unwrap_or_else(|_| br#"{"kind":"Status","apiVersion":"v1"}"#.to_vec());
-    respond(code, APPLICATION_JSON, body)
+    status.into_response()
 }
 
 fn respond(code: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ResponseBody> {
-    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
+    let mut response = Response::new(ResponseBody::from(body.into()));
     *response.status_mut() = code;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
@@ -183,30 +182,19 @@ impl Handler {
     /// `/apis`: the legacy `APIGroupList`, or the aggregated document (with an `ETag`, so the
     /// proxy's periodic refetch is answered 304) when asked for.
     fn apis(&self, headers: &http::HeaderMap) -> Response<ResponseBody> {
-        let mut response = if discovery::accepts_aggregated_discovery(headers) {
-            match serde_json::to_vec(&discovery::aggregated_discovery()) {
-                Ok(body) => {
-                    let hash = crate::discovery::published::sha512_hex(&body);
-                    let doc = openapi::Document { body: body.into(), hash };
-                    let mut response = document(&doc, headers);
-                    if response.status().is_success() {
-                        response.headers_mut().insert(
-                            CONTENT_TYPE,
-                            HeaderValue::from_static(discovery::AGGREGATED_DISCOVERY_CONTENT_TYPE),
-                        );
-                    }
-                    response
-                }
-                Err(error) => {
-                    tracing::error!(%error, "serializing aggregated discovery");
-                    internal_error()
-                }
+        /// The aggregated document never changes: serialized and hashed once.
+        static AGGREGATED: LazyLock<Published> = LazyLock::new(|| {
+            let body = serde_json::to_vec(&discovery::aggregated_discovery()).unwrap_or_default();
+            Published::new(discovery::AGGREGATED_DISCOVERY_CONTENT_TYPE, body)
+        });
+        match negotiate(headers) {
+            Negotiated::AggregatedV2 => AGGREGATED.respond(headers),
+            Negotiated::Legacy => {
+                let mut response = json_response(&discovery::api_group_list());
+                response.headers_mut().insert(VARY, HeaderValue::from_static("Accept"));
+                response
             }
-        } else {
-            json_response(&discovery::api_group_list())
-        };
-        response.headers_mut().insert(VARY, HeaderValue::from_static("Accept"));
-        response
+        }
     }
 
     /// `/apis/metrics.k8s.io/v1beta1/<rest>`.
@@ -276,19 +264,8 @@ impl Handler {
 }
 
 /// A JSON document with its `ETag`; `304` when `If-None-Match` names it.
-fn document(doc: &openapi::Document, headers: &http::HeaderMap) -> Response<ResponseBody> {
-    let etag = doc.etag();
-    let mut response = if headers.get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-        let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-        response
-    } else {
-        respond(StatusCode::OK, APPLICATION_JSON, doc.body.clone())
-    };
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        response.headers_mut().insert(ETAG, v);
-    }
-    response
+fn document(doc: &Published, headers: &http::HeaderMap) -> Response<ResponseBody> {
+    doc.respond_with_cache_control(headers, HeaderValue::from_static("no-cache, private"))
 }
 
 /// Discovery and metrics are read-only.
@@ -323,7 +300,11 @@ mod tests {
         Fixture { handler, proxy_chain, _stop: stop_tx }
     }
 
-    async fn call(f: &Fixture, request: Request<Full<Bytes>>, as_proxy: bool) -> (StatusCode, serde_json::Value) {
+    async fn call(
+        f: &Fixture,
+        request: Request<http_body_util::Full<Bytes>>,
+        as_proxy: bool,
+    ) -> (StatusCode, serde_json::Value) {
         let chain = PeerChain::new(if as_proxy { f.proxy_chain.clone() } else { Vec::new() });
         let response = f.handler.handle(request, &chain).await;
         let status = response.status();
@@ -334,12 +315,12 @@ mod tests {
         )
     }
 
-    fn get(path: &str, user: Option<&str>) -> Request<Full<Bytes>> {
+    fn get(path: &str, user: Option<&str>) -> Request<http_body_util::Full<Bytes>> {
         let mut builder = Request::get(path);
         if let Some(user) = user {
             builder = builder.header("X-Remote-User", user);
         }
-        builder.body(Full::default()).unwrap()
+        builder.body(http_body_util::Full::default()).unwrap()
     }
 
     #[tokio::test]
@@ -374,7 +355,8 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         let (status, _) = call(&f, get("/apis/metrics.k8s.io/v2", Some("alice")), true).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let post = Request::post("/apis").header("X-Remote-User", "alice").body(Full::default()).unwrap();
+        let post =
+            Request::post("/apis").header("X-Remote-User", "alice").body(http_body_util::Full::default()).unwrap();
         assert_eq!(call(&f, post, true).await.0, StatusCode::METHOD_NOT_ALLOWED);
     }
 
@@ -399,7 +381,7 @@ mod tests {
         let request = Request::put("/apis/echo.example.com/v1/namespaces/ns/echoes/x?dryRun=All")
             .header("X-Remote-User", "alice")
             .header("X-Remote-Group", "dev")
-            .body(Full::new(Bytes::from_static(b"{}")))
+            .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
             .unwrap();
         let (status, body) = call(&f, request, true).await;
         assert_eq!(status, StatusCode::OK);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -140,15 +140,16 @@ fn watch_events(object: Value, timeout: Duration, interval: Duration, stop: watc
         state.sent += 1;
         let mut line = serde_json::to_vec(&watch_event(&state.object, state.sent)).ok()?;
         line.push(b'\n');
-        Some((Ok(Frame::data(Bytes::from(line))), state))
+        Some((Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(line))), state))
     });
-    StreamBody::new(events).boxed_unsync()
+    ResponseBody::new(StreamBody::new(events))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::Request;
+    use http_body_util::BodyExt;
 
     #[test]
     fn watch_and_timeout_are_read_from_the_query() {

@@ -4,7 +4,6 @@
 //! at `/apis` when the client asks for it in `Accept`. Everything is derived from one static
 //! description, [`SERVED_GROUPS`], so the documents cannot disagree with each other.
 
-use http::HeaderMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     APIGroup, APIGroupList, APIResource, APIResourceList, GroupVersionForDiscovery, ListMeta, ObjectMeta,
 };
@@ -17,10 +16,9 @@ pub const GROUP_ECHO: &str = "echo.example.com";
 pub const VERSION_ECHO: &str = "v1";
 pub const ECHO_GROUP_VERSION: &str = "echo.example.com/v1";
 
-/// The media type of the aggregated discovery document, as kube-apiserver names it in both
-/// `Accept` and `Content-Type`.
-pub const AGGREGATED_DISCOVERY_CONTENT_TYPE: &str =
-    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+/// The media type of the aggregated discovery document, in `Accept` and `Content-Type`; `Accept`
+/// is negotiated by the proxy's own [`crate::discovery::aggregated::negotiate`].
+pub use crate::discovery::aggregated::CONTENT_TYPE_AGGREGATED_V2 as AGGREGATED_DISCOVERY_CONTENT_TYPE;
 
 /// One resource of a served group version.
 #[derive(Debug, Clone, Copy)]
@@ -194,44 +192,10 @@ pub fn aggregated_discovery() -> APIGroupDiscoveryList {
     }
 }
 
-/// Whether any media range in `Accept` asks for the aggregated v2 document
-/// (`application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList`, parameters in any
-/// order, not refused with `q=0`).
-pub fn accepts_aggregated_discovery(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(is_aggregated_discovery_range)
-}
-
-fn is_aggregated_discovery_range(range: &str) -> bool {
-    let mut parts = range.split(';').map(str::trim);
-    let media_type = parts.next().unwrap_or_default();
-    if !media_type.eq_ignore_ascii_case("application/json") {
-        return false;
-    }
-    let (mut g, mut v, mut as_kind, mut refused) = (false, false, false, false);
-    for param in parts {
-        let Some((key, value)) = param.split_once('=') else {
-            continue;
-        };
-        match (key.trim(), value.trim().trim_matches('"')) {
-            ("g", "apidiscovery.k8s.io") => g = true,
-            ("v", "v2") => v = true,
-            ("as", "APIGroupDiscoveryList") => as_kind = true,
-            ("q", q) => refused = q.parse::<f32>().is_ok_and(|q| q <= 0.0),
-            _ => {}
-        }
-    }
-    g && v && as_kind && !refused
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderValue};
 
     #[test]
     fn resource_list_is_shaped_as_kube_serves_it() {
@@ -280,7 +244,7 @@ mod tests {
         let accept = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::ACCEPT, HeaderValue::from_str(v).unwrap());
-            accepts_aggregated_discovery(&h)
+            crate::discovery::aggregated::negotiate(&h) == crate::discovery::aggregated::Negotiated::AggregatedV2
         };
         assert!(accept(AGGREGATED_DISCOVERY_CONTENT_TYPE));
         assert!(accept("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"));
