@@ -275,6 +275,11 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_max_connections_per_endpoint: Option<usize>,
+    /// The protocol of pooled backend connections: h2 (HTTP/2 when the backend offers it,
+    /// else HTTP/1.1) or http1 (HTTP/1.1 only, one request per connection) [default: h2].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_protocol: Option<crate::backend::BackendProtocol>,
     /// Requests that may wait for a connection to one endpoint; past it they fail fast with
     /// 503 [default: 256].
     #[arg(long)]
@@ -606,6 +611,7 @@ impl Settings {
                 .backend_max_pending_requests
                 .unwrap_or(backend_defaults.max_pending_per_endpoint),
             max_header_list_size: self.backend_max_header_list_size.unwrap_or(backend_defaults.max_header_list_size),
+            protocol: self.backend_protocol.unwrap_or(backend_defaults.protocol),
             ..backend_defaults
         };
         let token_review_cache_ttl = duration(

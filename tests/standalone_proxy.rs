@@ -604,3 +604,36 @@ async fn protocol_switches_are_piped_through_with_the_authenticated_identity() {
     tokio::time::timeout(SETTLE, stream.read_line(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(echoed, "ping\n");
 }
+
+/// The proxy's open connections to the sample server, from its own `/metrics`.
+async fn backend_connections(env: &Standalone) -> usize {
+    let metrics = env.admin().get(&env.url("/metrics")).await.unwrap().text();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("aggregator_backend_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
+
+/// `--backend-protocol http1` speaks HTTP/1.1 to a backend that offers HTTP/2, one request
+/// per connection; the default multiplexes them on one HTTP/2 connection.
+#[tokio::test]
+async fn the_backend_protocol_is_http2_by_default_and_http1_when_asked() {
+    use kube_aggregation_proxy::backend::BackendProtocol;
+    for (protocol, version, watches_need) in [(None, "HTTP/2.0", 1), (Some(BackendProtocol::Http1), "HTTP/1.1", 3)] {
+        let env = Standalone::start_with(|s| s.backend_protocol = protocol).await;
+        let client = env.client().bearer(TOKEN).build();
+        let echo = eventually_status(&client, &env.url("/apis/echo.example.com/v1/x"), StatusCode::OK).await;
+        assert_eq!(echo.json()["httpVersion"], version, "{protocol:?}");
+        // Three watches in flight at once: each holds an HTTP/1.1 connection of its own.
+        let mut watches = Vec::new();
+        for i in 0..3 {
+            let url = env.url(&format!("/apis/echo.example.com/v1/w{i}?watch=true&timeoutSeconds=30"));
+            let mut watch = client.get_streaming(&url).await.unwrap();
+            assert!(watch.next_chunk().await.unwrap().is_some(), "watch {i} streams");
+            watches.push(watch);
+        }
+        assert_eq!(backend_connections(&env).await, watches_need, "{protocol:?}");
+        drop(watches);
+    }
+}

@@ -50,6 +50,19 @@ pub const DEFAULT_MAX_HEADER_LIST_SIZE: usize = 1 << 20;
 /// The stream limit assumed of an HTTP/2 backend until (unless) it advertises one.
 pub const DEFAULT_HTTP2_MAX_STREAMS: usize = 100;
 
+/// Which protocol pooled backend connections speak (`--backend-protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// HTTP/2 when the backend offers it in ALPN (as kube-aggregator's transport does), else
+    /// HTTP/1.1: many requests share a connection.
+    #[default]
+    H2,
+    /// HTTP/1.1 only: one request per connection at a time, no HTTP/2 framing or flow
+    /// control; more connections (up to `--backend-max-connections-per-endpoint`).
+    Http1,
+}
+
 /// How backends are reached; every field but the certificate has a flag.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
@@ -70,6 +83,8 @@ pub struct BackendSettings {
     /// `--backend-max-header-list-size`, when the backend advertises none.
     pub max_header_list_size: usize,
     pub default_http2_max_streams: usize,
+    /// `--backend-protocol`
+    pub protocol: BackendProtocol,
 }
 
 impl Default for BackendSettings {
@@ -84,6 +99,7 @@ impl Default for BackendSettings {
             max_pending_per_endpoint: DEFAULT_MAX_PENDING_PER_ENDPOINT,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
             default_http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
+            protocol: BackendProtocol::H2,
         }
     }
 }
@@ -141,7 +157,10 @@ impl Backend {
     ) -> Result<Self, TransportError> {
         let mut config = tls::client_tls_config(tls, &settings.proxy_client_cert, metrics.x509_missing_san())?;
         let mut http1 = config.clone();
-        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        config.alpn_protocols = match settings.protocol {
+            BackendProtocol::H2 => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
+            BackendProtocol::Http1 => vec![ALPN_HTTP11.to_vec()],
+        };
         http1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
         let server_name = ServerName::try_from(tls.server_name.clone())
             .map_err(|e| TransportError { field: "spec.service", reason: format!("invalid server name: {e}") })?;
