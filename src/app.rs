@@ -21,6 +21,7 @@ use crate::pki;
 use crate::proxy::ForwardSettings;
 use crate::routing::writer::{self, SharedTable};
 use crate::routing::{RoutingTable, StaticResolver};
+use crate::runtime::RuntimeModel;
 use crate::server::credentials::{self, ReloadStatus, SharedFrontEnd, SharedReloadStatus};
 use crate::server::endpoints::{self, EndpointState, SharedRejections};
 use crate::server::pipeline::DelegateTarget;
@@ -353,11 +354,23 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         },
         tracing: tracing.clone(),
     });
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
-    let local_addr = listener.local_addr().map_err(|source| AppError::Listen { addr: config.listen, source })?;
+    let listen_error = |source| AppError::Listen { addr: config.listen, source };
+    let (listeners, local_addr) = match config.frontend.runtime {
+        RuntimeModel::WorkStealing => {
+            let listener = TcpListener::bind(config.listen).await.map_err(listen_error)?;
+            let local_addr = listener.local_addr().map_err(listen_error)?;
+            (server::Listeners::Shared(listener), local_addr)
+        }
+        RuntimeModel::PerCore => {
+            let cores = crate::runtime::cores();
+            let listeners = crate::runtime::bind_reuseport(config.listen, cores).map_err(listen_error)?;
+            let local_addr = listeners[0].local_addr().map_err(listen_error)?;
+            tracing::info!(cores, "serving on a runtime per core");
+            (server::Listeners::PerCore(listeners), local_addr)
+        }
+    };
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    tasks.spawn(server::serve(listener, gateway, config.frontend.clone(), lifecycle_tx, async {
+    tasks.spawn(server::serve(listeners, gateway, config.frontend.clone(), lifecycle_tx, async {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%local_addr, "serving");

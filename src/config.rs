@@ -243,6 +243,12 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_client: Option<usize>,
+    /// How requests are scheduled: work-stealing (one multi-threaded runtime) or per-core
+    /// (a single-threaded runtime per core, each with its own SO_REUSEPORT listener and
+    /// backend connections) [default: work-stealing].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<crate::runtime::RuntimeModel>,
     /// Concurrent streams a client may open on one HTTP/2 connection [default: 100, as
     /// kube-apiserver].
     #[arg(long)]
@@ -663,6 +669,7 @@ impl Settings {
             http2_max_streams_per_connection: self
                 .http2_max_streams_per_connection
                 .unwrap_or(frontend_defaults.http2_max_streams_per_connection),
+            runtime: self.runtime.unwrap_or_default(),
             ..frontend_defaults
         };
         let limit_defaults = RequestLimitSettings::default();

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod routing;
+pub mod runtime;
 pub mod server;
 pub mod source;
 pub mod status;

@@ -637,3 +637,33 @@ async fn the_backend_protocol_is_http2_by_default_and_http1_when_asked() {
         drop(watches);
     }
 }
+
+/// This process's threads that are per-core runtimes.
+fn core_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("kap-core-"))
+        .count()
+}
+
+/// `--runtime per-core`: a runtime thread per core, each accepting on its own listener and
+/// reaching the backend on connections of its own; shutdown ends the threads.
+#[tokio::test]
+async fn the_per_core_runtime_serves_every_connection_and_stops_with_its_threads() {
+    use kube_aggregation_proxy::runtime::{cores, RuntimeModel};
+    let env = Standalone::start_with(|s| s.runtime = Some(RuntimeModel::PerCore)).await;
+    assert_eq!(core_threads(), cores());
+    // Twenty clients, a connection each (the kernel spreads them over the listeners).
+    for i in 0..20 {
+        let builder = env.client().bearer(TOKEN);
+        let client = if i % 2 == 0 { builder.http1_only() } else { builder.http2_only() }.build();
+        let response = client.get(&env.url("/apis/echo.example.com/v1/x")).await.unwrap();
+        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+        assert_eq!(response.json()["user"]["name"], "alice");
+    }
+    assert!(backend_connections(&env).await >= cores(), "a backend connection per runtime");
+    let Standalone { proxy, .. } = env;
+    tokio::time::timeout(Duration::from_secs(30), proxy.shutdown()).await.expect("shutdown completes");
+    assert_eq!(core_threads(), 0, "the per-core threads ended");
+}

@@ -13,6 +13,10 @@
 //! `--backend-http2-ping-timeout`) leaves the pool at once; its streams in flight finish or
 //! fail on their own, new requests go to another connection. TCP keep-alive and
 //! `TCP_USER_TIMEOUT` bound how long a dead HTTP/1.1 connection can go unnoticed.
+//!
+//! With `--runtime per-core` each runtime has a pool of its own (the cap applies to each): a
+//! request takes a connection whose task runs on its own thread, so no other thread is woken
+//! to carry it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,15 +104,34 @@ struct Pool {
     pending: usize,
 }
 
+/// The connections of one runtime ([`crate::runtime::slot`]).
+struct RuntimePool {
+    pool: Mutex<Pool>,
+    /// Woken when a request ends or a connection closes: room may have appeared.
+    room: Arc<Notify>,
+}
+
+impl RuntimePool {
+    fn new() -> Self {
+        Self {
+            pool: Mutex::new(Pool { connections: Vec::new(), connecting: 0, pending: 0 }),
+            room: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// One address of a backend, its connections and its health.
 pub struct Endpoint {
     authority: Authority,
     label: Arc<str>,
     shared: Arc<Shared>,
     health: Health,
-    pool: Mutex<Pool>,
-    /// Woken when a request ends or a connection closes: room may have appeared.
-    room: Arc<Notify>,
+    /// One pool per runtime slot.
+    pools: Box<[RuntimePool]>,
     /// Learnt from the first connection: the backend does not speak HTTP/2.
     http1: AtomicBool,
     epoch: Instant,
@@ -127,6 +150,8 @@ impl std::fmt::Debug for Endpoint {
 struct Lease {
     connection: Arc<Connection>,
     endpoint: Arc<Endpoint>,
+    /// The pool the connection belongs to.
+    pool: usize,
 }
 
 impl Drop for Lease {
@@ -137,7 +162,7 @@ impl Drop for Lease {
         self.endpoint.health.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.in_flight_gauge.dec();
         // Takes no lock unless a request is waiting; with none, it leaves a permit.
-        self.endpoint.room.notify_one();
+        self.endpoint.pools[self.pool].room.notify_one();
     }
 }
 
@@ -201,13 +226,18 @@ impl Endpoint {
             label,
             shared,
             health: Health::default(),
-            pool: Mutex::new(Pool { connections: Vec::new(), connecting: 0, pending: 0 }),
-            room: Arc::new(Notify::new()),
+            pools: (0..crate::runtime::slots()).map(|_| RuntimePool::new()).collect(),
             http1: AtomicBool::new(false),
             epoch: Instant::now(),
             in_flight_gauge,
             connections_gauge,
         }
+    }
+
+    /// The pool of the runtime this request runs on, and its index.
+    fn local(&self) -> (usize, &RuntimePool) {
+        let index = crate::runtime::slot() % self.pools.len();
+        (index, &self.pools[index])
     }
 
     fn now_ms(&self) -> u64 {
@@ -236,7 +266,7 @@ impl Endpoint {
 
     /// Open connections now.
     pub fn connections(&self) -> usize {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).connections.iter().filter(|c| c.is_usable()).count()
+        self.pools.iter().map(|p| p.lock().connections.iter().filter(|c| c.is_usable()).count()).sum()
     }
 
     /// `https://<this endpoint><path and query of uri>`.
@@ -351,15 +381,16 @@ impl Endpoint {
         let limit = if opts.long_running && cap > 1 { cap - 1 } else { cap };
         let wait_until = opts.deadline.unwrap_or_else(|| tokio::time::Instant::now() + settings.connect_timeout);
         let queued_at = Instant::now();
+        let (index, local) = self.local();
         let mut queued = false;
         let mut waited = false;
         loop {
             // Made before the look, so a place freed after it wakes this request: a
             // `notify_waiters` reaches every future made before it, a `notify_one` leaves a
             // permit. Not registered (no lock) until it is awaited.
-            let room = self.room.notified();
+            let room = local.room.notified();
             let connect = {
-                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = local.lock();
                 if queued {
                     pool.pending -= 1;
                     queued = false;
@@ -384,7 +415,7 @@ impl Endpoint {
                         // Counted under the lock, so two requests cannot take one last place.
                         connection.in_flight.fetch_add(1, Ordering::AcqRel);
                         drop(pool);
-                        return Ok(self.lease(connection, waited.then_some(queued_at)));
+                        return Ok(self.lease(connection, index, waited.then_some(queued_at)));
                     }
                     _ if may_connect => {
                         pool.connecting += 1;
@@ -393,7 +424,7 @@ impl Endpoint {
                     Some(connection) => {
                         connection.in_flight.fetch_add(1, Ordering::AcqRel);
                         drop(pool);
-                        return Ok(self.lease(connection, waited.then_some(queued_at)));
+                        return Ok(self.lease(connection, index, waited.then_some(queued_at)));
                     }
                     None if pool.pending >= settings.max_pending_per_endpoint => {
                         let pending = pool.pending;
@@ -411,8 +442,8 @@ impl Endpoint {
             if connect {
                 // Boxed: dialling (TCP, TLS, the HTTP/2 handshake) is rare, and inline it would
                 // make every request's future, which hyper moves into a task, that much larger.
-                let made = Box::pin(self.connect()).await;
-                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                let made = Box::pin(self.connect(&local.room)).await;
+                let mut pool = local.lock();
                 pool.connecting -= 1;
                 match made {
                     Ok(connection) => {
@@ -421,12 +452,12 @@ impl Endpoint {
                         drop(pool);
                         self.connections_gauge.inc();
                         // An HTTP/2 connection has room for those waiting too.
-                        self.room.notify_waiters();
-                        return Ok(self.lease(connection, waited.then_some(queued_at)));
+                        local.room.notify_waiters();
+                        return Ok(self.lease(connection, index, waited.then_some(queued_at)));
                     }
                     Err(e) => {
                         drop(pool);
-                        self.room.notify_waiters();
+                        local.room.notify_waiters();
                         if e.is_endpoint_failure() {
                             self.judge(self.health.failure());
                         }
@@ -436,7 +467,7 @@ impl Endpoint {
             }
             waited = true;
             if tokio::time::timeout_at(wait_until, room).await.is_err() {
-                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = local.lock();
                 pool.pending -= 1;
                 return Err(BackendError::QueueTimeout(queued_at.elapsed()));
             }
@@ -444,13 +475,13 @@ impl Endpoint {
     }
 
     /// The lease of a place already counted on `connection`; `queued_at` when it waited.
-    fn lease(self: &Arc<Self>, connection: Arc<Connection>, queued_at: Option<Instant>) -> Lease {
+    fn lease(self: &Arc<Self>, connection: Arc<Connection>, pool: usize, queued_at: Option<Instant>) -> Lease {
         self.health.in_flight.fetch_add(1, Ordering::Relaxed);
         self.in_flight_gauge.inc();
         if let Some(queued_at) = queued_at {
             self.shared.metrics.backend_queue_waited(queued_at.elapsed());
         }
-        Lease { connection, endpoint: self.clone() }
+        Lease { connection, endpoint: self.clone(), pool }
     }
 
     /// Drops closed connections, and idle ones past `--backend-idle-timeout` (one is kept).
@@ -506,7 +537,7 @@ impl Endpoint {
         }
     }
 
-    async fn connect(&self) -> Result<Arc<Connection>, BackendError> {
+    async fn connect(&self, room: &Arc<Notify>) -> Result<Arc<Connection>, BackendError> {
         let settings = &self.shared.settings;
         let tls = self.dial(self.shared.tls.clone()).await?;
         let closed = Arc::new(AtomicBool::new(false));
@@ -522,12 +553,12 @@ impl Endpoint {
                 .handshake(TokioIo::new(tap))
                 .await
                 .map_err(connect_error)?;
-            self.watch(connection, closed.clone());
+            self.watch(connection, closed.clone(), room.clone());
             (Sender::Http2(sender), peer)
         } else {
             self.http1.store(true, Ordering::Relaxed);
             let (sender, connection) = http1::handshake(TokioIo::new(tls)).await.map_err(connect_error)?;
-            self.watch(connection, closed.clone());
+            self.watch(connection, closed.clone(), room.clone());
             (Sender::Http1(tokio::sync::Mutex::new(sender)), Arc::default())
         };
         Ok(Arc::new(Connection {
@@ -540,17 +571,12 @@ impl Endpoint {
     }
 
     /// Drives a connection; when it ends, marks it closed, says why, and wakes waiters.
-    fn watch<C>(&self, connection: C, closed: Arc<AtomicBool>)
+    fn watch<C>(&self, connection: C, closed: Arc<AtomicBool>, room: Arc<Notify>)
     where
         C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
     {
-        let (room, metrics, label, authority, gauge) = (
-            self.room.clone(),
-            self.shared.metrics.clone(),
-            self.label.clone(),
-            self.authority.clone(),
-            self.connections_gauge.clone(),
-        );
+        let (metrics, label, authority, gauge) =
+            (self.shared.metrics.clone(), self.label.clone(), self.authority.clone(), self.connections_gauge.clone());
         tokio::spawn(async move {
             let result = connection.await;
             closed.store(true, Ordering::Release);

@@ -78,6 +78,8 @@ pub struct FrontendSettings {
     /// `--shutdown-watch-termination-grace-period`: open watches are ended cleanly at random
     /// times within this, so their clients relist gradually rather than all at once.
     pub shutdown_watch_termination_grace_period: Duration,
+    /// `--runtime`: where connections are served.
+    pub runtime: crate::runtime::RuntimeModel,
 }
 
 /// Where the server is in kube-apiserver's graceful termination.
@@ -104,6 +106,7 @@ impl Default for FrontendSettings {
             shutdown_delay: Duration::ZERO,
             shutdown_send_retry_after: false,
             shutdown_watch_termination_grace_period: Duration::ZERO,
+            runtime: crate::runtime::RuntimeModel::WorkStealing,
         }
     }
 }
@@ -152,9 +155,27 @@ impl RequestHandler for Gateway {
     }
 }
 
-/// Serves `handler` on `listener` until `shutdown` completes, then drains connections.
+/// What the front end listens on.
+pub enum Listeners {
+    /// One listener; connections run on the current (work-stealing) runtime.
+    Shared(TcpListener),
+    /// One `SO_REUSEPORT` listener per core, each served by a runtime of its own
+    /// ([`crate::runtime`]).
+    PerCore(Vec<std::net::TcpListener>),
+}
+
+/// What every accept loop shares: the connection budget is one for the whole server.
+struct Acceptor<H> {
+    ctx: Arc<ConnectionContext<H>>,
+    limits: ConnectionLimits,
+    state: watch::Receiver<ServerState>,
+    refused_log: LogThrottle,
+    accept_log: LogThrottle,
+}
+
+/// Serves `handler` on `listeners` until `shutdown` completes, then drains connections.
 pub async fn serve<H: RequestHandler>(
-    listener: TcpListener,
+    listeners: Listeners,
     handler: Arc<H>,
     settings: FrontendSettings,
     lifecycle: watch::Sender<Lifecycle>,
@@ -167,26 +188,88 @@ pub async fn serve<H: RequestHandler>(
     );
     let metrics = handler.metrics().clone();
     metrics.set_max_connections(limits.max_connections());
+    let delay = settings.shutdown_delay;
+    let watch_grace = settings.shutdown_watch_termination_grace_period;
     let ctx = Arc::new(ConnectionContext::new(handler, settings));
     let (state_tx, state) = watch::channel(ServerState::Serving);
-    let refused_log = LogThrottle::per_second();
-    let accept_log = LogThrottle::per_second();
+    let acceptor = Arc::new(Acceptor {
+        ctx,
+        limits,
+        state,
+        refused_log: LogThrottle::per_second(),
+        accept_log: LogThrottle::per_second(),
+    });
+    // `stop` ends the accept loops; `exit` the per-core runtimes, once their connections
+    // are drained or closed.
+    let (stop_tx, stop) = watch::channel(false);
+    let (exit_tx, exit) = watch::channel(false);
+    let mut loops = tokio::task::JoinSet::new();
+    let mut cores = Vec::new();
+    match listeners {
+        Listeners::Shared(listener) => {
+            loops.spawn(accept_loop(listener, acceptor.clone(), stop.clone()));
+        }
+        Listeners::PerCore(listeners) => {
+            let n = listeners.len();
+            for (index, listener) in listeners.into_iter().enumerate() {
+                let (acceptor, stop, mut exit) = (acceptor.clone(), stop.clone(), exit.clone());
+                let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+                let spawned = crate::runtime::spawn_core(index, n, move || async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept_loop(listener, acceptor, stop).await,
+                        Err(error) => tracing::error!(%error, core = index, "registering a per-core listener"),
+                    }
+                    let _ = ended_tx.send(());
+                    // Keep driving this runtime's connections until the server lets go.
+                    let _ = exit.wait_for(|e| *e).await;
+                });
+                match spawned {
+                    Ok(thread) => {
+                        loops.spawn(async move {
+                            let _ = ended.await;
+                        });
+                        cores.push(thread);
+                    }
+                    Err(error) => tracing::error!(%error, core = index, "starting a per-core thread"),
+                }
+            }
+        }
+    }
+    shutdown.await;
+    lifecycle.send_replace(Lifecycle::ShuttingDown);
+    tracing::info!(delay = ?delay, "shutting down: /readyz fails now, requests are served until the delay ends");
+    tokio::time::sleep(delay).await;
+    stop_tx.send_replace(true);
+    while loops.join_next().await.is_some() {}
+    lifecycle.send_replace(Lifecycle::Draining);
+    state_tx.send_replace(ServerState::Draining);
+    // Watches end within their grace period; everything else within SHUTDOWN_GRACE.
+    let limits = &acceptor.limits;
+    if !limits.drained(SHUTDOWN_GRACE.max(watch_grace + Duration::from_secs(2))).await {
+        tracing::warn!(open = limits.open(), "connections still open after the shutdown grace period; closing them");
+        state_tx.send_replace(ServerState::Closed);
+        let _ = limits.drained(Duration::from_secs(1)).await;
+    }
+    exit_tx.send_replace(true);
+    for thread in cores {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// Accepts connections on `listener` and serves each in a task of the current runtime, until
+/// `stop` turns true.
+async fn accept_loop<H: RequestHandler>(
+    listener: TcpListener,
+    acceptor: Arc<Acceptor<H>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Acceptor { ctx, limits, state, refused_log, accept_log } = &*acceptor;
+    let metrics = ctx.metrics.clone();
     let mut backoff = AcceptBackoff::default();
-    let delay = ctx.settings.shutdown_delay;
-    let watch_grace = ctx.settings.shutdown_watch_termination_grace_period;
-    tokio::pin!(shutdown);
-    // Set when shutdown is asked for: serving goes on until then (the shutdown delay).
-    let mut stop_accepting_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown, if stop_accepting_at.is_none() => {
-                lifecycle.send_replace(Lifecycle::ShuttingDown);
-                tracing::info!(delay = ?delay, "shutting down: /readyz fails now, requests are served until the delay ends");
-                stop_accepting_at = Some(tokio::time::Instant::now() + delay);
-                continue;
-            }
-            () = async { tokio::time::sleep_until(stop_accepting_at.unwrap_or_else(tokio::time::Instant::now)).await }, if stop_accepting_at.is_some() => break,
+            _ = stop.wait_for(|s| *s) => return,
         };
         match accepted {
             Ok((stream, remote_addr)) => {
@@ -215,18 +298,9 @@ pub async fn serve<H: RequestHandler>(
                 }
                 tokio::select! {
                     () = tokio::time::sleep(retry_in) => {}
-                    () = &mut shutdown, if stop_accepting_at.is_none() => break,
+                    _ = stop.wait_for(|s| *s) => return,
                 }
             }
         }
-    }
-    drop(listener);
-    lifecycle.send_replace(Lifecycle::Draining);
-    state_tx.send_replace(ServerState::Draining);
-    // Watches end within their grace period; everything else within SHUTDOWN_GRACE.
-    if !limits.drained(SHUTDOWN_GRACE.max(watch_grace + Duration::from_secs(2))).await {
-        tracing::warn!(open = limits.open(), "connections still open after the shutdown grace period; closing them");
-        state_tx.send_replace(ServerState::Closed);
-        let _ = limits.drained(Duration::from_secs(1)).await;
     }
 }

@@ -153,7 +153,8 @@ impl SampleServer {
             }
         }));
         tracing::info!(address = %local_addr, node = service.handler.node_name(), "sample-apiserver serving");
-        server::serve(listener, service, FrontendSettings::default(), lifecycle, shutdown).await;
+        server::serve(server::Listeners::Shared(listener), service, FrontendSettings::default(), lifecycle, shutdown)
+            .await;
         tracing::info!(address = %local_addr, "sample-apiserver stopped");
     }
 }
