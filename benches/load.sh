@@ -5,7 +5,16 @@
 #   proxy       h2load -> kube-aggregation-proxy -> backend (token auth, identity headers)
 #   nginx       h2load -> nginx (plain TLS reverse proxy) -> backend
 #   haproxy     h2load -> HAProxy (TLS both legs, backend verified, h2 to it) -> backend
-#   kube        h2load -> kube-apiserver's aggregator -> backend (AlwaysAllow, token auth)
+#   proxy-alt   the proxy again, with PROXY_ALT_SETTINGS (YAML lines added to its config, e.g.
+#               "runtime: per-core"): two configurations measured interleaved in one run
+#
+# and, on the testbed (src/testbed, started with `kube-aggregation-proxy demo --cluster`: etcd,
+# kube-apiserver with RBAC, and this proxy in cluster mode in front, with a static admin token):
+#
+#   kube             h2load -> kube-apiserver's aggregator -> backend
+#   cluster-proxy    h2load -> the proxy in cluster mode (TokenReview) -> backend
+#   delegate-direct  h2load -> kube-apiserver: GET /api/v1/namespaces/default (a core resource)
+#   delegate-proxy   h2load -> the proxy in cluster mode -> kube-apiserver, the same GET
 #
 # for HTTP/1.1 and HTTP/2 at concurrency 1, 16 and 64, interleaved, with a bearer token on
 # every request; then APIService churn under load, and the proxy with 10,000 APIServices.
@@ -15,11 +24,12 @@
 #
 # Usage: benches/load.sh            (about 7 minutes on 2 cores, plus the build)
 # Knobs (environment): DURATION=5 (seconds per measurement), WARMUP=1, ROUNDS=1,
-#   CONCURRENCY="1 16 64", PROTOCOLS="h1 h2", SETUPS="direct proxy nginx haproxy kube",
-#   CHURN_SECONDS=30, CHURN_RATE=100 (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
-#   KUBE_BIN_DIR=~/.cache/kube-aggregation-proxy/bin (etcd-*, kube-apiserver-* from
-#   tests/e2e/k8s/build.sh; without them the kube column is skipped), OUT=dir, KEEP=1 (keep
-#   the work dir), PROXY_BIN and BACKEND_BIN (prebuilt binaries: skip the build).
+#   CONCURRENCY="1 16 64", PROTOCOLS="h1 h2",
+#   SETUPS="direct proxy nginx haproxy kube cluster-proxy delegate-direct delegate-proxy",
+#   H2_STREAMS=16 (streams per HTTP/2 connection), CHURN_SECONDS=30, CHURN_RATE=100 (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
+#   OUT=dir, KEEP=1 (keep the work dir), PROXY_BIN and BACKEND_BIN (prebuilt binaries: skip
+#   the build). The testbed setups build the Kubernetes binaries on first use (Go and the
+#   module proxy; about 20 minutes, cached under ~/.cache/kube-aggregation-proxy).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,17 +38,21 @@ WARMUP=${WARMUP:-1}
 ROUNDS=${ROUNDS:-1}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 PROTOCOLS=${PROTOCOLS:-"h1 h2"}
-SETUPS=${SETUPS:-"direct proxy nginx haproxy kube"}
+SETUPS=${SETUPS:-"direct proxy nginx haproxy kube cluster-proxy delegate-direct delegate-proxy"}
+# The setups that run on the testbed.
+TESTBED_SETUPS="kube cluster-proxy delegate-direct delegate-proxy"
+# HTTP/2 streams per h2load connection (16: a few multiplexing clients, as client-go does).
+H2_STREAMS=${H2_STREAMS:-16}
 CHURN_SECONDS=${CHURN_SECONDS:-30}
 CHURN_RATE=${CHURN_RATE:-100}
 CHURN_RPS=${CHURN_RPS:-2000}
 SCALE_APISERVICES=${SCALE_APISERVICES:-10000}
-KUBE_BIN_DIR=${KUBE_BIN_DIR:-$HOME/.cache/kube-aggregation-proxy/bin}
 OUT=${OUT:-$ROOT/target/load-bench/$(date +%Y%m%d-%H%M%S)}
 # The script works in its own directory: a relative OUT is relative to where it was started.
 case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
 TOKEN=bench-token-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
 RESOURCE_PATH=/apis/bench.example.com/v1/namespaces/default/things/thing-1
+CORE_PATH=/api/v1/namespaces/default
 
 log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -148,8 +162,8 @@ reset_peak() { local pid; for pid in "$@"; do echo 5 >"/proc/$pid/clear_refs" 2>
 with_children() { echo "$1" $(ps -o pid= --ppid "$1"); }
 
 # ---------------------------------------------------------------------------------------------
-# PKI: one CA; serving certificates for the backend (its in-cluster name too), the proxy,
-# nginx and kube-apiserver; a front-proxy client certificate; a service-account key.
+# PKI: one CA; serving certificates for the backend (its in-cluster name too), the proxy and
+# nginx; a front-proxy client certificate. (The testbed makes its own.)
 log "work dir $WORK"
 cd "$WORK"
 ec_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out "$1" 2>/dev/null; }
@@ -167,8 +181,6 @@ issue() { # NAME CN SANS EKU
 issue backend bench-backend "DNS:bench-backend.bench.svc,DNS:decoy.bench.svc,DNS:localhost,IP:127.0.0.1" serverAuth
 issue serving localhost "DNS:localhost,IP:127.0.0.1" serverAuth
 issue proxy-client front-proxy-client "" clientAuth
-openssl genrsa -out sa.key 2048 2>/dev/null
-openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 CA_B64=$(base64 -w0 ca.crt)
 printf '%s,bench,1000,"system:masters"\n' "$TOKEN" >tokens.csv
 
@@ -207,16 +219,16 @@ proxy-client-key-file: $WORK/proxy-client.key
 EOF
 }
 
-start_proxy() { # NAME DIR PORT -> sets STARTED_PID
-    proxy_config "$2" "$3" >"$1.yaml"
+start_proxy() { # NAME DIR PORT [EXTRA YAML] -> sets STARTED_PID
+    { proxy_config "$2" "$3"; printf '%s\n' "${4:-}"; } >"$1.yaml"
     RUST_LOG=warn "$PROXY" serve --config "$1.yaml" >"$1.log" 2>&1 &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
 }
 
-curl_ok() { # URL: a 200 with the token
-    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --cacert "$WORK/ca.crt" \
-        -H "Authorization: Bearer $TOKEN" "$1")" = 200 ]
+curl_ok() { # URL [CA] [TOKEN]: a 200 with the token (the bench CA and token by default)
+    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --cacert "${2:-$WORK/ca.crt}" \
+        -H "Authorization: Bearer ${3:-$TOKEN}" "$1")" = 200 ]
 }
 
 mkdir -p apiservices
@@ -224,6 +236,13 @@ apiservice_yaml v1.bench.example.com bench.example.com v1 bench-backend 1000 15 
 PROXY_PORT=$(free_port)
 start_proxy proxy "$WORK/apiservices" "$PROXY_PORT"
 PROXY_PID=$STARTED_PID
+PROXY_ALT_PID=
+PROXY_ALT_PORT=
+if [[ " $SETUPS " == *" proxy-alt "* ]]; then
+    PROXY_ALT_PORT=$(free_port)
+    start_proxy proxy-alt "$WORK/apiservices" "$PROXY_ALT_PORT" "${PROXY_ALT_SETTINGS:-}"
+    PROXY_ALT_PID=$STARTED_PID
+fi
 
 # ---------------------------------------------------------------------------------------------
 # nginx: a plain TLS reverse proxy for the same path, verifying the backend like the others;
@@ -304,90 +323,124 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------------------------
-# kube-apiserver (with etcd) from the real-cluster harness's binaries, when present.
-ETCD_BIN=$(ls "$KUBE_BIN_DIR"/etcd-* 2>/dev/null | sort | tail -1 || true)
-KUBE_BIN=$(ls "$KUBE_BIN_DIR"/kube-apiserver-* 2>/dev/null | sort | tail -1 || true)
+# The testbed: `demo --cluster` (src/testbed) runs etcd, kube-apiserver and this proxy in
+# cluster mode, and writes kubeconfigs, CAs and an admin token (system:masters) to its dir.
+# The bench backend is registered there as kube-aggregator expects: an ExternalName Service
+# to localhost and an APIService with the bench CA.
 KUBE_PID=
-if [[ " $SETUPS " == *" kube "* ]]; then
-    if [ -x "$ETCD_BIN" ] && [ -x "$KUBE_BIN" ]; then
-        ETCD_PORT=$(free_port)
-        ETCD_PEER_PORT=$(free_port)
-        "$ETCD_BIN" --name default --data-dir "$WORK/etcd" \
-            --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-            --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-            --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-            --initial-cluster "default=http://127.0.0.1:$ETCD_PEER_PORT" \
-            --unsafe-no-fsync --log-level warn >etcd.log 2>&1 &
-        PIDS+=($!)
-        wait_for 30 etcd bash -c "echo >/dev/tcp/127.0.0.1/$ETCD_PORT"
-        KUBE_PORT=$(free_port)
-        # AlwaysAllow so it does comparable work (no RBAC); the token's user is in
-        # system:masters, which priority-and-fairness exempts from queueing.
-        "$KUBE_BIN" --etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address 127.0.0.1 \
-            --advertise-address 127.0.0.1 --secure-port "$KUBE_PORT" --endpoint-reconciler-type none \
-            --cert-dir "$WORK/kube-certs" --tls-cert-file serving.crt --tls-private-key-file serving.key \
-            --token-auth-file tokens.csv --authorization-mode AlwaysAllow \
-            --proxy-client-cert-file proxy-client.crt --proxy-client-key-file proxy-client.key \
-            --service-account-issuer https://kubernetes.default.svc --service-account-key-file sa.pub \
-            --service-account-signing-key-file sa.key --service-cluster-ip-range 10.0.0.0/24 \
-            --disable-admission-plugins ServiceAccount >kube-apiserver.log 2>&1 &
-        KUBE_PID=$!
-        PIDS+=("$KUBE_PID")
-        KUBE="https://127.0.0.1:$KUBE_PORT"
-        wait_for 180 "kube-apiserver /readyz" curl_ok "$KUBE/readyz"
-        kpost() {
-            curl -sf -o /dev/null --max-time 10 --cacert ca.crt -H "Authorization: Bearer $TOKEN" \
-                -H 'Content-Type: application/json' -X POST "$KUBE$1" -d "$2"
-        }
-        # The backend as a Service of type ExternalName pointing at localhost, as the e2e
-        # harness registers extension servers: kube-aggregator dials localhost:<service port>.
-        kpost /api/v1/namespaces '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"bench"}}'
-        kpost /api/v1/namespaces/bench/services "{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{\"name\":\"bench-backend\"},\"spec\":{\"type\":\"ExternalName\",\"externalName\":\"localhost\",\"ports\":[{\"name\":\"https\",\"port\":$BACKEND_PORT}]}}"
-        kpost /apis/apiregistration.k8s.io/v1/apiservices "{\"apiVersion\":\"apiregistration.k8s.io/v1\",\"kind\":\"APIService\",\"metadata\":{\"name\":\"v1.bench.example.com\"},\"spec\":{\"group\":\"bench.example.com\",\"version\":\"v1\",\"groupPriorityMinimum\":1000,\"versionPriority\":15,\"service\":{\"namespace\":\"bench\",\"name\":\"bench-backend\",\"port\":$BACKEND_PORT},\"caBundle\":\"$CA_B64\"}}"
-        wait_for 120 "kube-apiserver to route to the backend" curl_ok "$KUBE$RESOURCE_PATH"
-    else
-        # TODO(issue 6): the kube-apiserver column needs the real-cluster harness binaries
-        # (tests/e2e/k8s/build.sh caches them under $KUBE_BIN_DIR); skipped without them.
-        log "TODO: no etcd/kube-apiserver binaries in $KUBE_BIN_DIR; the kube column is skipped"
-        SETUPS=${SETUPS/kube/}
-    fi
+ETCD_PID=
+DEMO_PID=
+testbed_wanted=
+for setup in $TESTBED_SETUPS; do [[ " $SETUPS " == *" $setup "* ]] && testbed_wanted=1; done
+if [ -n "$testbed_wanted" ]; then
+    log "starting the testbed (demo --cluster; the first run builds the Kubernetes binaries)"
+    CLUSTER_DIR=$WORK/cluster
+    RUST_LOG=warn "$PROXY" demo --cluster --dir "$CLUSTER_DIR" >cluster-demo.out 2>cluster-demo.log &
+    DEMO_PID=$!
+    PIDS+=("$DEMO_PID")
+    deadline=$((SECONDS + 3600))
+    until grep -q "is ready" cluster-demo.out 2>/dev/null; do
+        kill -0 "$DEMO_PID" 2>/dev/null || die "demo --cluster failed: $(tail -5 cluster-demo.log)"
+        [ $SECONDS -lt $deadline ] || die "demo --cluster not ready within an hour"
+        sleep 0.5
+    done
+    # Each testbed process runs under a bash watchdog (src/testbed/process.rs) named after it.
+    watched() { # NAME: the pid of the process the watchdog "watchdog-NAME" runs
+        local watchdog pid
+        watchdog=$(pgrep -P "$DEMO_PID" -f "watchdog-$1 " | head -1 || true)
+        [ -n "$watchdog" ] || return 0
+        for pid in $(pgrep -P "$watchdog" || true); do
+            [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = bash ] || { echo "$pid"; return 0; }
+        done
+    }
+    KUBE_PID=$(watched kube-apiserver)
+    ETCD_PID=$(watched etcd)
+    [ -n "$KUBE_PID" ] && [ -n "$ETCD_PID" ] || die "no kube-apiserver or etcd process under demo --cluster"
+    KUBE_TOKEN=$(cat "$CLUSTER_DIR/admin.token")
+    KUBE=$(awk '$1 == "server:" {print $2; exit}' "$CLUSTER_DIR/direct.kubeconfig")
+    CLUSTER_PROXY=$(awk '$1 == "server:" {print $2; exit}' "$CLUSTER_DIR/proxy.kubeconfig")
+    kubectl --kubeconfig "$CLUSTER_DIR/direct.kubeconfig" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bench-backend, namespace: bench}
+spec: {type: ExternalName, externalName: localhost, ports: [{name: https, port: $BACKEND_PORT}]}
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: v1.bench.example.com}
+spec:
+  group: bench.example.com
+  version: v1
+  groupPriorityMinimum: 1000
+  versionPriority: 15
+  service: {namespace: bench, name: bench-backend, port: $BACKEND_PORT}
+  caBundle: $CA_B64
+EOF
 else
-    SETUPS=${SETUPS/kube/}
+    SETUPS=$(for s in $SETUPS; do [[ " $TESTBED_SETUPS " == *" $s "* ]] || printf '%s ' "$s"; done)
 fi
 
 declare -A URL=(
     [direct]="https://127.0.0.1:$BACKEND_PORT$RESOURCE_PATH"
     [proxy]="https://127.0.0.1:$PROXY_PORT$RESOURCE_PATH"
+    [proxy-alt]="https://127.0.0.1:${PROXY_ALT_PORT:-0}$RESOURCE_PATH"
     [nginx]="https://127.0.0.1:$NGINX_PORT$RESOURCE_PATH"
     [haproxy]="https://127.0.0.1:$HAPROXY_PORT$RESOURCE_PATH"
     [kube]="${KUBE:-}$RESOURCE_PATH"
+    [cluster-proxy]="${CLUSTER_PROXY:-}$RESOURCE_PATH"
+    [delegate-direct]="${KUBE:-}$CORE_PATH"
+    [delegate-proxy]="${CLUSTER_PROXY:-}$CORE_PATH"
 )
+# Each setup's token and the CA its server presents.
+token_of() { if [[ " $TESTBED_SETUPS " == *" $1 "* ]]; then echo "$KUBE_TOKEN"; else echo "$TOKEN"; fi; }
+ca_of() {
+    case $1 in
+        kube | delegate-direct) echo "$CLUSTER_DIR/cluster-ca.crt" ;;
+        cluster-proxy | delegate-proxy) echo "$CLUSTER_DIR/proxy-ca.crt" ;;
+        *) echo "$WORK/ca.crt" ;;
+    esac
+}
 for setup in $SETUPS; do
-    wait_for 30 "$setup to answer 200" curl_ok "${URL[$setup]}"
+    # kube-aggregator routes to a new APIService once its first probe passed: allow a minute.
+    wait_for 120 "$setup to answer 200" curl_ok "${URL[$setup]}" "$(ca_of "$setup")" "$(token_of "$setup")"
 done
 # The processes whose CPU and memory a setup costs (direct: the backend itself).
 target_pids() {
     case $1 in
         direct) echo "$BACKEND_PID" ;;
         proxy) echo "$PROXY_PID" ;;
+        proxy-alt) echo "$PROXY_ALT_PID" ;;
         nginx) with_children "$NGINX_PID" ;;
         haproxy) echo "$HAPROXY_PID" ;;
         kube) echo "$KUBE_PID" ;;
+        cluster-proxy | delegate-proxy) echo "$DEMO_PID" ;;
+        delegate-direct) echo "$KUBE_PID $ETCD_PID" ;;
         scale) echo "$SCALE_PID" ;;
+    esac
+}
+# The processes that serve the request behind the setup (its "backend").
+backend_pids() {
+    case $1 in
+        delegate-*) echo "$KUBE_PID $ETCD_PID" ;;
+        *) echo "$BACKEND_PID" ;;
     esac
 }
 IDLE_RSS_KB=$(status_kb VmRSS "$PROXY_PID")
 
 # ---------------------------------------------------------------------------------------------
 # One measurement: a warm-up run, then the measured run bracketed by CPU and peak-RSS reads.
-# h2load: HTTP/1.1 uses C connections; HTTP/2 uses ceil(C/16) connections with C streams in
-# all (a few multiplexing clients, as client-go does).
+# h2load: HTTP/1.1 uses C connections; HTTP/2 uses ceil(C/H2_STREAMS) connections with C
+# streams in all (a few multiplexing clients, as client-go does).
 h2load_args() { # PROTO C
     local conns streams
     if [ "$1" = h1 ]; then
         echo "--h1 -c $2 -m 1"
     else
-        conns=$((($2 + 15) / 16))
+        conns=$((($2 + H2_STREAMS - 1) / H2_STREAMS))
         streams=$(($2 / conns))
         echo "-c $conns -m $streams"
     fi
@@ -398,22 +451,26 @@ CLK_TCK=$(getconf CLK_TCK)
 measure() { # NAME SETUP PROTO C ROUND [extra h2load args...]
     local name=$1 setup=$2 proto=$3 c=$4 round=$5
     shift 5
-    local url=${URL[$setup]} pids cpu0 cpu1 b0 b1 hwm
+    local url=${URL[$setup]} token pids bpids cpu0 cpu1 b0 b1 hwm
+    token=$(token_of "$setup")
     # shellcheck disable=SC2046
-    timeout $((WARMUP + 30)) h2load -t 1 $(h2load_args "$proto" "$c") -H "Authorization: Bearer $TOKEN" \
+    timeout $((WARMUP + 30)) h2load -t 1 $(h2load_args "$proto" "$c") -H "Authorization: Bearer $token" \
         -D "$WARMUP" "$@" "$url" >/dev/null 2>&1 || true
     pids=$(target_pids "$setup")
+    bpids=$(backend_pids "$setup")
     # shellcheck disable=SC2086
     reset_peak $pids
     # shellcheck disable=SC2086
     cpu0=$(cpu_ticks $pids)
-    b0=$(cpu_ticks "$BACKEND_PID")
+    # shellcheck disable=SC2086
+    b0=$(cpu_ticks $bpids)
     # shellcheck disable=SC2046
-    timeout $((DURATION + 30)) h2load -t 1 $(h2load_args "$proto" "$c") -H "Authorization: Bearer $TOKEN" \
+    timeout $((DURATION + 30)) h2load -t 1 $(h2load_args "$proto" "$c") -H "Authorization: Bearer $token" \
         -D "$DURATION" --log-file="$OUT/raw/$name.log" "$@" "$url" >"$OUT/raw/$name.out" 2>&1 || true
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks $pids)
-    b1=$(cpu_ticks "$BACKEND_PID")
+    # shellcheck disable=SC2086
+    b1=$(cpu_ticks $bpids)
     # shellcheck disable=SC2086
     hwm=$(status_kb VmHWM $pids)
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$setup" "$proto" "$c" "$round" \
@@ -514,8 +571,9 @@ cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-end"
     echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
     echo "h2load: $(h2load --version | head -1)"
     echo "nginx: $("$NGINX" -v 2>&1 | cut -d/ -f2)"
-    echo "kube-apiserver: $(basename "${KUBE_BIN:-none}")"
+    echo "kube-apiserver: $(if [ -n "$KUBE_PID" ]; then basename "$(readlink "/proc/$KUBE_PID/exe")"; else echo none; fi)"
     echo "rustc: $(rustc --version)"
+    echo "proxy-alt settings: ${PROXY_ALT_SETTINGS:-none}"
     echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- src || echo ' + uncommitted src changes')"
     echo "load average: start $(cat "$OUT/loadavg-start"), end $(cat "$OUT/loadavg-end")"
 } >"$OUT/machine.txt"

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster::{binaries, FAKE_NODE_NAME};
+use common::cluster::{binaries, https_get, FAKE_NODE_NAME};
 
 /// A first cluster start on two busy cores (with the binaries cached).
 const READY_DEADLINE: Duration = Duration::from_secs(300);
@@ -154,6 +154,22 @@ fn demo_cluster_serves_kubectl_compares_and_leaves_nothing_behind() {
     assert!(top.contains(FAKE_NODE_NAME), "{top}");
     let (ok, out) = kubectl(&dir.path().join("nobody-proxy.kubeconfig"), &["get", "flunders", "-A"]);
     assert!(!ok && out.contains("Forbidden"), "a user without rights is refused: {out}");
+
+    // The admin's bearer token (for clients without certificates), against both servers,
+    // verified with the CA files the demo wrote.
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    for (kubeconfig, ca) in [(&direct, "cluster-ca.crt"), (&proxy, "proxy-ca.crt")] {
+        let text = std::fs::read_to_string(kubeconfig).unwrap();
+        let server = text.lines().find_map(|l| l.trim().strip_prefix("server: ")).unwrap().to_owned();
+        let ca = std::fs::read_to_string(dir.path().join(ca)).unwrap();
+        let namespace =
+            https_get(&server, "/api/v1/namespaces/default", &ca, None, &[("Authorization", &bearer)]).unwrap();
+        assert_eq!(namespace.status, 200, "{server}: {}", namespace.body);
+        let forged = https_get(&server, "/api/v1/namespaces/default", &ca, None, &[("Authorization", "Bearer forged")])
+            .unwrap();
+        assert_eq!(forged.status, 401, "{server}: {}", forged.body);
+    }
 
     // The built-in comparison finds kube-aggregator and the proxy alike, and says so.
     let compare = Command::new(BIN).arg("compare").arg(&direct).arg(&proxy).output().unwrap();

@@ -6,7 +6,9 @@
 //! them; metrics-server and sample-apiserver registered as APIServices; and this proxy in
 //! cluster mode in front. `DIR/direct.kubeconfig` reaches kube-apiserver (and its own
 //! aggregator), `DIR/proxy.kubeconfig` this proxy, both as an admin; `DIR/nobody-*.kubeconfig`
-//! are a user with no rights. Ctrl-C stops everything: every process runs under a watchdog
+//! are a user with no rights; `DIR/admin.token` is the admin's bearer token (kube-apiserver's
+//! `--token-auth-file`) for clients without certificates, with `DIR/proxy-ca.crt` and
+//! `DIR/cluster-ca.crt` to verify the two servers. Ctrl-C stops everything: every process runs under a watchdog
 //! that ends it when this process goes, however it goes.
 
 use std::path::{Path, PathBuf};
@@ -115,6 +117,11 @@ impl ClusterDemo {
         write("proxy", &proxy_url, serving_ca.cert_pem(), &admin)?;
         write("nobody-direct", &cluster.server_url(), cluster_ca, &nobody)?;
         write("nobody-proxy", &proxy_url, serving_ca.cert_pem(), &nobody)?;
+        // For clients without client certificates (curl, h2load): the same admin, by token.
+        write_private(&dir.join("admin.token"), &cluster.pki().admin_token).map_err(err)?;
+        std::fs::write(dir.join("proxy-ca.crt"), serving_ca.cert_pem())
+            .and_then(|()| std::fs::write(dir.join("cluster-ca.crt"), cluster_ca))
+            .map_err(|e| err(format!("writing the CA files: {e}")))?;
         eprintln!("ready in {:.0?}", started.elapsed());
         Ok(Self { dir: dir.to_owned(), proxy, cluster })
     }
@@ -133,7 +140,8 @@ impl ClusterDemo {
              kubectl --kubeconfig {d}/proxy.kubeconfig get flunders -A\n  \
              kubectl --kubeconfig {d}/proxy.kubeconfig auth can-i list flunders.wardle.example.com --as nobody\n  \
              kubectl --kubeconfig {d}/nobody-proxy.kubeconfig get flunders -A     # Forbidden, as directly\n  \
-             kube-aggregation-proxy compare {d}/direct.kubeconfig {d}/proxy.kubeconfig\n\n\
+             kube-aggregation-proxy compare {d}/direct.kubeconfig {d}/proxy.kubeconfig\n  \
+             curl --cacert {d}/proxy-ca.crt -H \"Authorization: Bearer $(cat {d}/admin.token)\" https://{proxy}/version\n\n\
              Press Ctrl-C to stop everything.\n",
             direct = self.cluster.server_url(),
             proxy = self.proxy.local_addr(),
@@ -145,6 +153,20 @@ impl ClusterDemo {
         self.proxy.shutdown().await;
         blocking(move || drop(self.cluster)).await;
     }
+}
+
+/// Writes a secret readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Build failures without Go say what to install.

@@ -4,6 +4,10 @@
 //! sample-apiserver) registered through APIServices. Behind the `testbed` feature (on by
 //! default).
 //!
+//! [`sample`] is the other half: the sample extension API server this project ships (the
+//! standalone demo's backend and the `sample-apiserver` binary), served by the proxy's own
+//! front end ([`crate::server`]) rather than a copy of it.
+//!
 //! The way envtest does it: no kubelet, no controller-manager, no network beyond 127.0.0.1.
 //!
 //! Invariants:
@@ -25,6 +29,7 @@ mod kubectl;
 mod kubelet;
 mod pki;
 mod process;
+pub mod sample;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -402,6 +407,7 @@ impl Cluster {
             ("tls-cert-file", path(&pki.apiserver_serving.cert_path)),
             ("tls-private-key-file", path(&pki.apiserver_serving.key_path)),
             ("client-ca-file", path(&pki.client_ca.cert.cert_path)),
+            ("token-auth-file", path(&pki.token_auth_file)),
             // Front-proxy (requestheader) authentication, as kubeadm configures it; published
             // in kube-system/extension-apiserver-authentication for extension servers.
             ("requestheader-client-ca-file", path(&pki.front_proxy_ca.cert.cert_path)),

@@ -104,6 +104,9 @@ impl CertificateAuthority {
     }
 }
 
+/// The user of [`Pki::admin_token`].
+pub const ADMIN_TOKEN_USER: &str = "token-admin";
+
 /// Everything kube-apiserver and its clients need, under one directory.
 pub struct Pki {
     pub dir: PathBuf,
@@ -121,6 +124,11 @@ pub struct Pki {
     pub admin: CertKey,
     /// CN=front-proxy-client, `--proxy-client-cert-file/--proxy-client-key-file`.
     pub front_proxy_client: CertKey,
+    /// A bearer token for [`ADMIN_TOKEN_USER`] in `system:masters`, from `--token-auth-file`
+    /// ([`Pki::token_auth_file`]): for clients that cannot present a client certificate
+    /// (h2load in the load benchmark).
+    pub admin_token: String,
+    pub token_auth_file: PathBuf,
     /// ECDSA key pair: `--service-account-signing-key-file` (private),
     /// `--service-account-key-file` (public).
     pub service_account_private_key: PathBuf,
@@ -159,6 +167,12 @@ impl Pki {
         let service_account_public_key = dir.join("sa.pub");
         write_secret(&service_account_private_key, &sa_key.serialize_pem())?;
         fs::write(&service_account_public_key, sa_key.public_key_pem())?;
+        let admin_token = format!("kap-admin-{:032x}", rand::random::<u128>());
+        let token_auth_file = dir.join("tokens.csv");
+        write_secret(
+            &token_auth_file,
+            &format!("{admin_token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},\"system:masters\"\n"),
+        )?;
         Ok(Pki {
             dir: dir.to_owned(),
             cluster_ca,
@@ -168,6 +182,8 @@ impl Pki {
             apiserver_serving,
             admin,
             front_proxy_client,
+            admin_token,
+            token_auth_file,
             service_account_private_key,
             service_account_public_key,
         })
