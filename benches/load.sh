@@ -26,7 +26,8 @@
 # Knobs (environment): DURATION=5 (seconds per measurement), WARMUP=1, ROUNDS=1,
 #   CONCURRENCY="1 16 64", PROTOCOLS="h1 h2",
 #   SETUPS="direct proxy nginx haproxy kube cluster-proxy delegate-direct delegate-proxy",
-#   H2_STREAMS=16 (streams per HTTP/2 connection), CHURN_SECONDS=30, CHURN_RATE=100 (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
+#   H2_STREAMS=16 (streams per HTTP/2 connection), CHURN_SECONDS=30, CHURN_RATE=100
+#   (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
 #   OUT=dir, KEEP=1 (keep the work dir), PROXY_BIN and BACKEND_BIN (prebuilt binaries: skip
 #   the build). The testbed setups build the Kubernetes binaries on first use (Go and the
 #   module proxy; about 20 minutes, cached under ~/.cache/kube-aggregation-proxy).

@@ -105,12 +105,16 @@ fn header_value(value: &str, header: &str) -> Result<HeaderValue, IdentityHeader
 /// header can carry (a control character) fails the whole identity: a request is never sent
 /// with part of its identity missing.
 pub fn inject(user: &UserInfo, headers: &mut HeaderMap) -> Result<(), IdentityHeaderError> {
-    headers.insert(HEADER_REMOTE_USER, header_value(&user.name, "X-Remote-User")?);
+    // Names made at compile time: a `&str` name is parsed and copied on every insert.
+    const REMOTE_USER: HeaderName = HeaderName::from_static(HEADER_REMOTE_USER);
+    const REMOTE_UID: HeaderName = HeaderName::from_static(HEADER_REMOTE_UID);
+    const REMOTE_GROUP: HeaderName = HeaderName::from_static(HEADER_REMOTE_GROUP);
+    headers.insert(REMOTE_USER, header_value(&user.name, "X-Remote-User")?);
     if let Some(uid) = user.uid.as_deref().filter(|u| !u.is_empty()) {
-        headers.insert(HEADER_REMOTE_UID, header_value(uid, "X-Remote-Uid")?);
+        headers.insert(REMOTE_UID, header_value(uid, "X-Remote-Uid")?);
     }
     for group in &user.groups {
-        headers.append(HEADER_REMOTE_GROUP, header_value(group, "X-Remote-Group")?);
+        headers.append(REMOTE_GROUP, header_value(group, "X-Remote-Group")?);
     }
     for (key, values) in &user.extra {
         let name = format!("{HEADER_REMOTE_EXTRA_PREFIX}{}", escape_extra_key(key));

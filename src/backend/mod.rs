@@ -325,6 +325,27 @@ fn retry_copy(request: &Request<Body>, opts: &SendOptions) -> Option<Request<Bod
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
+    *copy.headers_mut() = copy_headers(request.headers());
     Some(copy)
+}
+
+/// A copy of `headers` whose values share one buffer: cloning each value would cost an
+/// allocation per value (a value made from owned bytes becomes shared on its first clone).
+fn copy_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut buffer = bytes::BytesMut::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
+    for (_, value) in headers {
+        buffer.extend_from_slice(value.as_bytes());
+    }
+    let buffer = buffer.freeze();
+    let mut copy = http::HeaderMap::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, value) in headers {
+        let end = at + value.len();
+        // The bytes are those of a valid value; were they not, the value itself is cloned.
+        let mut shared = http::HeaderValue::from_maybe_shared(buffer.slice(at..end)).unwrap_or_else(|_| value.clone());
+        shared.set_sensitive(value.is_sensitive());
+        copy.append(name.clone(), shared);
+        at = end;
+    }
+    copy
 }

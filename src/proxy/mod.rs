@@ -5,12 +5,11 @@
 //! backend writes it). A backend that fails mid-body makes the client's stream fail too, as
 //! kube-aggregator does, rather than end it as if complete.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Version};
 use hyper_util::rt::TokioIo;
 
 use crate::auth::identity;
@@ -19,11 +18,12 @@ use crate::backend::{self, BackendError, Endpoints, SendOptions};
 use crate::status::RequestError;
 use crate::telemetry::RequestTrace;
 
-pub const HEADER_AUDIT_ID: &str = "audit-id";
-pub const HEADER_X_FORWARDED_FOR: &str = "x-forwarded-for";
-pub const HEADER_X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-pub const HEADER_X_FORWARDED_HOST: &str = "x-forwarded-host";
-pub const HEADER_X_FORWARDED_URI: &str = "x-forwarded-uri";
+// Header names made at compile time: a `&str` name is parsed and copied on every insert.
+pub const HEADER_AUDIT_ID: HeaderName = HeaderName::from_static("audit-id");
+pub const HEADER_X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const HEADER_X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const HEADER_X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const HEADER_X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 
 /// kube-aggregator bounds discovery requests (`/apis/<group>/<version>`) to five seconds.
 pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,7 +67,8 @@ impl Default for ForwardSettings {
 #[derive(Debug, Clone)]
 pub struct Caller<'a> {
     pub user: &'a UserInfo,
-    pub remote_addr: SocketAddr,
+    /// The client's address, for `X-Forwarded-For` (made once per connection).
+    pub client_ip: &'a HeaderValue,
     pub audit_id: &'a HeaderValue,
     /// The request's trace, when tracing is on: the hop to the backend is its client span.
     pub trace: Option<&'a RequestTrace>,
@@ -110,30 +111,26 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// stripped before routing.
 fn backend_request(caller: &Caller<'_>, request: Request<Body>) -> Result<Request<Body>, RequestError> {
     let (mut parts, body) = request.into_parts();
-    let path_and_query = parts.uri.path_and_query().cloned();
     let forwarded_uri = HeaderValue::from_str(parts.uri.path());
     // The host the client asked for: HTTP/1.1's `Host`, HTTP/2's `:authority`.
     let forwarded_host = match parts.headers.get(header::HOST) {
         Some(host) => Some(host.clone()),
         None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    // Path and query only: the backend layer names the endpoint it picks.
-    let mut uri = Uri::builder();
-    if let Some(pq) = path_and_query {
-        uri = uri.path_and_query(pq);
-    }
-    parts.uri = uri.build().map_err(|e| RequestError::NotFound(format!("invalid request path: {e}")))?;
+    // The URI stays the client's: the backend layer reads only its path and query and names
+    // the endpoint it picks.
     parts.version = Version::HTTP_11;
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(header::HOST);
     identity::inject(caller.user, headers)?;
-    let client_ip = caller.remote_addr.ip().to_string();
     let forwarded_for = match headers.get(HEADER_X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {client_ip}"),
-        None => client_ip,
+        Some(prior) => {
+            HeaderValue::try_from(format!("{prior}, {}", caller.client_ip.to_str().unwrap_or_default())).ok()
+        }
+        None => Some(caller.client_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(v) = forwarded_for {
         headers.insert(HEADER_X_FORWARDED_FOR, v);
     }
     headers.insert(HEADER_X_FORWARDED_PROTO, HeaderValue::from_static("https"));

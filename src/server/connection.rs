@@ -170,7 +170,10 @@ pub async fn serve<H: RequestHandler>(
     let (_, session) = tls.get_ref();
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let peer = crate::auth::x509::PeerChain::new(session.peer_certificates().map(|c| c.to_vec()).unwrap_or_default());
-    let info = Arc::new(ConnectionInfo { remote_addr, peer });
+    // An IP address is always a valid header value.
+    let client_ip = http::HeaderValue::try_from(remote_addr.ip().to_string())
+        .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+    let info = Arc::new(ConnectionInfo { remote_addr, client_ip, peer });
     let activity = Activity::new();
     let service = {
         let (handler, activity) = (ctx.handler.clone(), activity.clone());

@@ -115,6 +115,8 @@ impl Default for FrontendSettings {
 #[derive(Debug)]
 pub struct ConnectionInfo {
     pub remote_addr: SocketAddr,
+    /// The client's address as `X-Forwarded-For` names it, made once per connection.
+    pub client_ip: http::HeaderValue,
     /// The client's certificate chain, verified and parsed at most once per connection.
     pub peer: crate::auth::x509::PeerChain,
 }

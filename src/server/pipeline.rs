@@ -350,7 +350,7 @@ impl Gateway {
             Ok(d) => d,
             Err(e) => return e.into_response(),
         };
-        let caller = Caller { user, remote_addr: ctx.conn.remote_addr, audit_id: ctx.audit_id, trace: ctx.trace };
+        let caller = Caller { user, client_ip: &ctx.conn.client_ip, audit_id: ctx.audit_id, trace: ctx.trace };
         match decision {
             // The proxy's own endpoints and their SubjectAccessReview are boxed: the forwarding
             // path's future, which hyper moves into a task per request, stays small.
