@@ -116,13 +116,17 @@ impl Registry {
         history.iter().find(|s| s.seq == seq).cloned()
     }
 
-    /// Publishes changes every [`POLL`] for open watches; runs until the process ends.
+    /// Publishes changes every [`POLL`] for open watches; runs until the process ends. With no
+    /// watch open nothing is built: the objects of 10,000 APIServices are tens of megabytes,
+    /// and a list or get builds the snapshot of the moment itself.
     pub async fn run(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(POLL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             ticker.tick().await;
-            self.latest();
+            if self.current.receiver_count() > 0 {
+                self.latest();
+            }
         }
     }
 
