@@ -28,6 +28,7 @@
 #   SETUPS="direct proxy nginx haproxy kube cluster-proxy delegate-direct delegate-proxy",
 #   H2_STREAMS=16 (streams per HTTP/2 connection), CHURN_SECONDS=30, CHURN_RATE=100
 #   (changes/s), CHURN_RPS=2000, SCALE_APISERVICES=10000,
+#   DEMO_ARGS (more `demo --cluster` flags for the testbed, e.g. "--runtime per-core"),
 #   OUT=dir, KEEP=1 (keep the work dir), PROXY_BIN and BACKEND_BIN (prebuilt binaries: skip
 #   the build). The testbed setups build the Kubernetes binaries on first use (Go and the
 #   module proxy; about 20 minutes, cached under ~/.cache/kube-aggregation-proxy).
@@ -336,7 +337,8 @@ for setup in $TESTBED_SETUPS; do [[ " $SETUPS " == *" $setup "* ]] && testbed_wa
 if [ -n "$testbed_wanted" ]; then
     log "starting the testbed (demo --cluster; the first run builds the Kubernetes binaries)"
     CLUSTER_DIR=$WORK/cluster
-    RUST_LOG=warn "$PROXY" demo --cluster --dir "$CLUSTER_DIR" >cluster-demo.out 2>cluster-demo.log &
+    # shellcheck disable=SC2086
+    RUST_LOG=warn "$PROXY" demo --cluster --dir "$CLUSTER_DIR" ${DEMO_ARGS:-} >cluster-demo.out 2>cluster-demo.log &
     DEMO_PID=$!
     PIDS+=("$DEMO_PID")
     deadline=$((SECONDS + 3600))
@@ -575,6 +577,7 @@ cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-end"
     echo "kube-apiserver: $(if [ -n "$KUBE_PID" ]; then basename "$(readlink "/proc/$KUBE_PID/exe")"; else echo none; fi)"
     echo "rustc: $(rustc --version)"
     echo "proxy-alt settings: ${PROXY_ALT_SETTINGS:-none}"
+    echo "demo --cluster flags: ${DEMO_ARGS:-none}"
     echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- src || echo ' + uncommitted src changes')"
     echo "load average: start $(cat "$OUT/loadavg-start"), end $(cat "$OUT/loadavg-end")"
 } >"$OUT/machine.txt"

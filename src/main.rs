@@ -62,6 +62,9 @@ enum Command {
         /// cluster mode in front, DIR/direct.kubeconfig and DIR/proxy.kubeconfig.
         #[arg(long)]
         cluster: bool,
+        /// With --cluster: the proxy's --runtime (work-stealing or per-core).
+        #[arg(long, value_enum, default_value_t = kube_aggregation_proxy::runtime::RuntimeModel::WorkStealing, requires = "cluster")]
+        runtime: kube_aggregation_proxy::runtime::RuntimeModel,
     },
     /// Send the same requests through two kubeconfigs (say kube-apiserver's own aggregator and
     /// this proxy) and print status codes, Status reasons, content types and discovery
@@ -99,9 +102,14 @@ fn init_tracing() {
 /// `demo`: the sample extension server and the proxy, or (`--cluster`) a real control plane
 /// with the proxy in front; either runs until Ctrl-C.
 #[cfg(feature = "testbed")]
-async fn run_demo(dir: &std::path::Path, port: u16, cluster: bool) -> ExitCode {
+async fn run_demo(
+    dir: &std::path::Path,
+    port: u16,
+    cluster: bool,
+    runtime: kube_aggregation_proxy::runtime::RuntimeModel,
+) -> ExitCode {
     let started = if cluster {
-        let started = demo::cluster::ClusterDemo::start(dir).await;
+        let started = demo::cluster::ClusterDemo::start(dir, runtime).await;
         started.map(|d| (d.instructions(), Box::pin(d.shutdown()) as Shutdown)).map_err(|e| e.to_string())
     } else {
         let started = demo::Demo::start(dir, port).await;
@@ -124,7 +132,7 @@ async fn run_demo(dir: &std::path::Path, port: u16, cluster: bool) -> ExitCode {
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 #[cfg(not(feature = "testbed"))]
-async fn run_demo(_: &std::path::Path, _: u16, _: bool) -> ExitCode {
+async fn run_demo(_: &std::path::Path, _: u16, _: bool, _: kube_aggregation_proxy::runtime::RuntimeModel) -> ExitCode {
     eprintln!("demo: this binary was built without the `testbed` feature");
     ExitCode::FAILURE
 }
@@ -200,7 +208,7 @@ async fn main() -> ExitCode {
             let code = compare::command(left, right, requests, requests_file, !no_builtin).await;
             ExitCode::from(u8::try_from(code).unwrap_or(2))
         }
-        Command::Demo { dir, port, cluster } => {
+        Command::Demo { dir, port, cluster, runtime } => {
             let dir = match dir {
                 Some(d) => d,
                 None => match tempfile::Builder::new().prefix("kube-aggregation-proxy-demo-").tempdir() {
@@ -211,7 +219,7 @@ async fn main() -> ExitCode {
                     }
                 },
             };
-            run_demo(&dir, port, cluster).await
+            run_demo(&dir, port, cluster, runtime).await
         }
     }
 }

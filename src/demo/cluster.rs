@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::app::{self, RunningApp};
 use crate::config::{Settings, SourceKind};
 use crate::pki::CertificateAuthority;
+use crate::runtime::RuntimeModel;
 use crate::testbed::{self, write_kubeconfig, Cluster, User};
 
 /// How long the proxy may take to build its first routing table from the cluster.
@@ -45,7 +46,8 @@ fn step(n: usize, of: usize, what: &str) {
 impl ClusterDemo {
     /// Builds what is missing, starts the control plane, the extension servers and the
     /// proxy, and writes the kubeconfigs. Blocking parts run off the async runtime.
-    pub async fn start(dir: &Path) -> Result<Self, ClusterDemoError> {
+    /// `runtime` is the proxy's `--runtime`.
+    pub async fn start(dir: &Path, runtime: RuntimeModel) -> Result<Self, ClusterDemoError> {
         const STEPS: usize = 5;
         let err = |e: String| ClusterDemoError(e);
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
@@ -97,6 +99,7 @@ impl ClusterDemo {
             tls_private_key_file: Some(pki_dir.join("proxy-serving.key")),
             proxy_client_cert_file: Some(front_proxy.cert_path.clone()),
             proxy_client_key_file: Some(front_proxy.key_path.clone()),
+            runtime: Some(runtime),
             ..Settings::default()
         };
         let config = settings.validate().map_err(|e| err(e.to_string()))?;
