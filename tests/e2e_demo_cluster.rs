@@ -166,8 +166,8 @@ fn demo_cluster_serves_kubectl_compares_and_leaves_nothing_behind() {
         let namespace =
             https_get(&server, "/api/v1/namespaces/default", &ca, None, &[("Authorization", &bearer)]).unwrap();
         assert_eq!(namespace.status, 200, "{server}: {}", namespace.body);
-        let forged = https_get(&server, "/api/v1/namespaces/default", &ca, None, &[("Authorization", "Bearer forged")])
-            .unwrap();
+        let forged =
+            https_get(&server, "/api/v1/namespaces/default", &ca, None, &[("Authorization", "Bearer forged")]).unwrap();
         assert_eq!(forged.status, 401, "{server}: {}", forged.body);
     }
 
