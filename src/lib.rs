@@ -17,7 +17,7 @@
 //! stream-aware connection pools, balancing and ejection, backend TLS), [`availability`] (probes and
 //! the `Available` condition), [`check`] (the troubleshooting command), [`compare`] (two kubeconfigs side by side), [`testbed`] (a real control plane on loopback),
 //! [`discovery`] (`/apis`, aggregated discovery v2 and OpenAPI v2/v3, fetched in the
-//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`telemetry`] (OpenTelemetry tracing), [`config`], [`app`]
+//! background), [`status`] (errors as Kubernetes `Status`), [`metrics`], [`audit`] (kube's audit events), [`telemetry`] (OpenTelemetry tracing), [`runtime`] (work-stealing or per-core), [`config`], [`app`]
 //! (wiring), [`demo`], [`pki`] and [`tls`] (certificates). The sample extension API server
 //! is part of the [`testbed`], not of the proxy.
 #![forbid(unsafe_code)]
