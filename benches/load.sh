@@ -6,7 +6,8 @@
 #   nginx       h2load -> nginx (plain TLS reverse proxy) -> backend
 #   haproxy     h2load -> HAProxy (TLS both legs, backend verified, h2 to it) -> backend
 #   proxy-alt   the proxy again, with PROXY_ALT_SETTINGS (YAML lines added to its config, e.g.
-#               "runtime: per-core"): two configurations measured interleaved in one run
+#               "runtime: per-core") and/or another build, PROXY_ALT_BIN: two configurations
+#               or two builds (before and after) measured interleaved in one run
 #
 # and, on the testbed (src/testbed, started with `kube-aggregation-proxy demo --cluster`: etcd,
 # kube-apiserver with RBAC, and this proxy in cluster mode in front, with a static admin token):
@@ -221,9 +222,9 @@ proxy-client-key-file: $WORK/proxy-client.key
 EOF
 }
 
-start_proxy() { # NAME DIR PORT [EXTRA YAML] -> sets STARTED_PID
+start_proxy() { # NAME DIR PORT [EXTRA YAML] [BINARY] -> sets STARTED_PID
     { proxy_config "$2" "$3"; printf '%s\n' "${4:-}"; } >"$1.yaml"
-    RUST_LOG=warn "$PROXY" serve --config "$1.yaml" >"$1.log" 2>&1 &
+    RUST_LOG=warn "${5:-$PROXY}" serve --config "$1.yaml" >"$1.log" 2>&1 &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
 }
@@ -242,7 +243,12 @@ PROXY_ALT_PID=
 PROXY_ALT_PORT=
 if [[ " $SETUPS " == *" proxy-alt "* ]]; then
     PROXY_ALT_PORT=$(free_port)
-    start_proxy proxy-alt "$WORK/apiservices" "$PROXY_ALT_PORT" "${PROXY_ALT_SETTINGS:-}"
+    alt_bin=$PROXY
+    if [ -n "${PROXY_ALT_BIN:-}" ]; then
+        cp "$PROXY_ALT_BIN" "$WORK/bin/kube-aggregation-proxy-alt"
+        alt_bin=$WORK/bin/kube-aggregation-proxy-alt
+    fi
+    start_proxy proxy-alt "$WORK/apiservices" "$PROXY_ALT_PORT" "${PROXY_ALT_SETTINGS:-}" "$alt_bin"
     PROXY_ALT_PID=$STARTED_PID
 fi
 
@@ -576,7 +582,7 @@ cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-end"
     echo "nginx: $("$NGINX" -v 2>&1 | cut -d/ -f2)"
     echo "kube-apiserver: $(if [ -n "$KUBE_PID" ]; then basename "$(readlink "/proc/$KUBE_PID/exe")"; else echo none; fi)"
     echo "rustc: $(rustc --version)"
-    echo "proxy-alt settings: ${PROXY_ALT_SETTINGS:-none}"
+    echo "proxy-alt settings: ${PROXY_ALT_SETTINGS:-none}, binary: ${PROXY_ALT_BIN:-the same}"
     echo "demo --cluster flags: ${DEMO_ARGS:-none}"
     echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- src || echo ' + uncommitted src changes')"
     echo "load average: start $(cat "$OUT/loadavg-start"), end $(cat "$OUT/loadavg-end")"

@@ -156,6 +156,8 @@ fn delegate_from_kubeconfig(kube_config: &kube::Config) -> Result<Delegate, AppE
 /// Starts the proxy described by `config` and returns once it is listening (not yet ready:
 /// see [`RunningApp::ready`]).
 pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
+    // Before any backend endpoint exists: per-core runtimes each get a pool of their own.
+    crate::runtime::prepare(config.frontend.runtime);
     let metrics = Arc::new(Metrics::new());
     // Cluster mode fills what flags left open from the cluster itself: the delegate is the
     // kubeconfig's server, authentication follows kube-apiserver's published settings, and

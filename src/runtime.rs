@@ -48,6 +48,14 @@ pub fn slot() -> usize {
     SLOT.with(Cell::get)
 }
 
+/// Splits per-runtime state for `model` from now on. Called before anything that keeps such
+/// state (backend endpoints) is made, so every endpoint has a pool per runtime.
+pub fn prepare(model: RuntimeModel) {
+    if model == RuntimeModel::PerCore {
+        let _ = SLOTS.set(cores() + 1);
+    }
+}
+
 /// Per-core runtimes for this process: the cores it may use (std reads the cgroup quota and
 /// the affinity mask).
 pub fn cores() -> usize {
@@ -74,13 +82,12 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
 }
 
 /// Runs `run(index)` on a thread of its own with a single-threaded runtime, as per-core
-/// runtime `index` (slot `index + 1`). The thread ends when the future does.
-pub fn spawn_core<F, Fut>(index: usize, cores: usize, run: F) -> std::io::Result<std::thread::JoinHandle<()>>
+/// runtime `index` (slot `index + 1`; see [`prepare`]). The thread ends when the future does.
+pub fn spawn_core<F, Fut>(index: usize, run: F) -> std::io::Result<std::thread::JoinHandle<()>>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    let _ = SLOTS.set(cores + 1);
     std::thread::Builder::new().name(format!("kap-core-{index}")).spawn(move || {
         SLOT.with(|s| s.set(index + 1));
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {

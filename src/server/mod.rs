@@ -212,11 +212,10 @@ pub async fn serve<H: RequestHandler>(
             loops.spawn(accept_loop(listener, acceptor.clone(), stop.clone()));
         }
         Listeners::PerCore(listeners) => {
-            let n = listeners.len();
             for (index, listener) in listeners.into_iter().enumerate() {
                 let (acceptor, stop, mut exit) = (acceptor.clone(), stop.clone(), exit.clone());
                 let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
-                let spawned = crate::runtime::spawn_core(index, n, move || async move {
+                let spawned = crate::runtime::spawn_core(index, move || async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => accept_loop(listener, acceptor, stop).await,
                         Err(error) => tracing::error!(%error, core = index, "registering a per-core listener"),
