@@ -2,8 +2,8 @@
 //! answering 500, and sending GOAWAY on every open connection. Self-signed: APIServices
 //! pointing at it use `insecureSkipTLSVerify`.
 //!
-//! Paths: `...?watch=true` and `.../stream` stream a line every 100 ms (600 at most) until
-//! the client goes;
+//! Paths: `...?watch=true` and `.../stream` stream a line every 100 ms until the client goes
+//! (for 10 minutes at most, longer than any test that holds a thousand of them open);
 //! `/hang` never answers (for 120 s at most); anything else answers 200 at once with the
 //! backend's name.
 
@@ -66,7 +66,7 @@ async fn answer(name: &'static str, fail: bool, apis: Option<String>, request: R
     if query.contains("watch=true") || request.uri().path().ends_with("/stream") {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         tokio::spawn(async move {
-            for i in 0..600 {
+            for i in 0..6000 {
                 let line = format!("{{\"type\":\"ADDED\",\"n\":{i}}}\n");
                 if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
                     return;
