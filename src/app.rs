@@ -25,6 +25,7 @@ use crate::runtime::RuntimeModel;
 use crate::server::credentials::{self, ReloadStatus, SharedFrontEnd, SharedReloadStatus};
 use crate::server::endpoints::{self, EndpointState, SharedRejections};
 use crate::server::pipeline::DelegateTarget;
+use crate::server::signal::Signal;
 use crate::server::{self, Gateway};
 use crate::source::file::FileSource;
 use crate::source::kube::ClusterSource;
@@ -52,7 +53,7 @@ pub struct RunningApp {
     /// PEM of the CA that signed the serving certificate, when the proxy generated its own.
     generated_serving_ca: Option<String>,
     table: SharedTable,
-    ready: watch::Receiver<bool>,
+    ready: Signal<bool>,
     metrics: Arc<Metrics>,
     discovery: DiscoveryDocuments,
     delegate_discovery: watch::Sender<Arc<DelegateDiscovery>>,
@@ -91,8 +92,7 @@ impl RunningApp {
 
     /// Resolves once the first routing table is serving.
     pub async fn ready(&self) {
-        let mut ready = self.ready.clone();
-        let _ = ready.wait_for(|r| *r).await;
+        self.ready.wait_for(|ready| ready).await;
     }
 
     /// Stops accepting, drains in-flight requests, and stops the background tasks.
@@ -221,7 +221,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let rejections: SharedRejections = Arc::default();
     let (table_ready_tx, mut table_ready) = watch::channel(false);
-    let (ready_tx, ready) = watch::channel(false);
+    let ready = Signal::new(false);
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
     let mut tasks = JoinSet::new();
 
@@ -286,19 +286,19 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
     }
     // Ready, as kube-apiserver's readiness waits for its aggregator: the first routing table,
     // the first discovery round, and (with a delegate) one attempt at its documents.
-    let discovery_synced = discovery.clone();
+    let (discovery_synced, becomes_ready) = (discovery.clone(), ready.clone());
     tasks.spawn(async move {
         let _ = table_ready.wait_for(|r| *r).await;
         discovery_synced.synced().await;
         if let Some(mut fetched) = delegate_fetched {
             let _ = fetched.wait_for(|f| *f).await;
         }
-        ready_tx.send_replace(true);
-        // Keep the sender alive so readiness never reads as closed.
+        becomes_ready.set(true);
+        // The app runs until one of its tasks ends; this one has nothing more to do.
         std::future::pending::<()>().await;
     });
 
-    let (lifecycle_tx, lifecycle) = watch::channel(server::Lifecycle::Serving);
+    let lifecycle = Signal::new(server::Lifecycle::Serving);
     // Credentials are reloaded when their files change or on SIGHUP.
     tasks.spawn(
         credentials::Reloader {
@@ -345,7 +345,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         limits: crate::server::limits::RequestLimits::new(config.request_limits.clone()),
         flow: crate::server::flow::FlowControl::new(config.flow),
         documents: discovery.clone(),
-        lifecycle,
+        lifecycle: lifecycle.clone(),
         send_retry_after: config.frontend.shutdown_send_retry_after,
         watch_grace: config.frontend.shutdown_watch_termination_grace_period,
         audit: match config.audit.clone() {
@@ -372,7 +372,7 @@ pub async fn start(mut config: Config) -> Result<RunningApp, AppError> {
         }
     };
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    tasks.spawn(server::serve(listeners, gateway, config.frontend.clone(), lifecycle_tx, async {
+    tasks.spawn(server::serve(listeners, gateway, config.frontend.clone(), lifecycle, async {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%local_addr, "serving");

@@ -5,6 +5,7 @@
 //! `X-Remote-*` set, `Impersonate-*`, `Authorization`) can reach a backend.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::HeaderMap;
@@ -41,10 +42,25 @@ impl UserInfo {
     }
 
     pub(crate) fn with_authenticated_group(mut self) -> Self {
-        if self.name != USER_ANONYMOUS && !self.groups.iter().any(|g| g == GROUP_AUTHENTICATED) {
+        if self.lacks_authenticated_group() {
             self.groups.push(GROUP_AUTHENTICATED.to_owned());
         }
         self
+    }
+
+    fn lacks_authenticated_group(&self) -> bool {
+        self.name != USER_ANONYMOUS && !self.groups.iter().any(|g| g == GROUP_AUTHENTICATED)
+    }
+}
+
+/// kube's group adder for a shared user. The users authenticators keep (the token file's, a
+/// connection's certificate user) are stored with the group already, so a request hands on
+/// the same allocation rather than a copy of the user.
+pub(crate) fn with_authenticated_group(user: Arc<UserInfo>) -> Arc<UserInfo> {
+    if user.lacks_authenticated_group() {
+        Arc::new(Arc::unwrap_or_clone(user).with_authenticated_group())
+    } else {
+        user
     }
 }
 
@@ -222,5 +238,10 @@ mod tests {
         let u = UserInfo::new("bob", vec![GROUP_AUTHENTICATED.into()]).with_authenticated_group();
         assert_eq!(u.groups, [GROUP_AUTHENTICATED]);
         assert_eq!(UserInfo::anonymous().with_authenticated_group().groups, [GROUP_UNAUTHENTICATED]);
+        // A shared user that has the group is handed on, not copied.
+        let shared = Arc::new(u);
+        assert!(Arc::ptr_eq(&with_authenticated_group(shared.clone()), &shared));
+        let without = with_authenticated_group(Arc::new(UserInfo::new("carol", vec![])));
+        assert_eq!(without.groups, [GROUP_AUTHENTICATED]);
     }
 }

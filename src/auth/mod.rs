@@ -43,8 +43,11 @@ pub enum AuthError {
 }
 
 /// One way of recognising a caller. `Ok(None)` means "not my kind of credential".
+///
+/// Users are shared (`Arc`): an authenticator that knows its users ahead of the request (the
+/// token file, a connection's certificate) hands out the one it keeps instead of a copy.
 pub trait Authenticator: Send + Sync {
-    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError>;
+    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<Arc<UserInfo>>, AuthError>;
 }
 
 /// The chain of authenticators, in kube-apiserver's order, plus the anonymous fall-back.
@@ -52,11 +55,13 @@ pub trait Authenticator: Send + Sync {
 pub struct AuthChain {
     authenticators: Vec<Arc<dyn Authenticator>>,
     token_reviewer: Option<Arc<dyn token::AsyncTokenAuthenticator>>,
-    anonymous: bool,
+    /// `system:anonymous`, made once, when anonymous requests are allowed.
+    anonymous: Option<Arc<UserInfo>>,
 }
 
 impl AuthChain {
     pub fn new(authenticators: Vec<Arc<dyn Authenticator>>, anonymous: bool) -> Self {
+        let anonymous = anonymous.then(|| Arc::new(UserInfo::anonymous()));
         Self { authenticators, token_reviewer: None, anonymous }
     }
 
@@ -69,11 +74,11 @@ impl AuthChain {
     /// Authenticates a request with union semantics: the first authenticator that recognises
     /// the caller wins; if none does, any error one of them raised is the answer. Every
     /// authenticated user gets `system:authenticated`, as kube-apiserver's group adder does.
-    pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<UserInfo, AuthError> {
+    pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Arc<UserInfo>, AuthError> {
         let mut first_error = None;
         for authenticator in &self.authenticators {
             match authenticator.authenticate(credentials) {
-                Ok(Some(user)) => return Ok(user.with_authenticated_group()),
+                Ok(Some(user)) => return Ok(identity::with_authenticated_group(user)),
                 Ok(None) => {}
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -83,7 +88,7 @@ impl AuthChain {
         let token = token::bearer_token(credentials.headers);
         if let (Some(reviewer), Some(token)) = (&self.token_reviewer, token) {
             match reviewer.review(token).await {
-                Ok(Some(user)) => return Ok(user.with_authenticated_group()),
+                Ok(Some(user)) => return Ok(identity::with_authenticated_group(user)),
                 Ok(None) => {}
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -97,9 +102,6 @@ impl AuthChain {
         if token.is_some() {
             return Err(AuthError::Token("token not recognised".into()));
         }
-        if self.anonymous {
-            return Ok(UserInfo::anonymous());
-        }
-        Err(AuthError::NoCredentials)
+        self.anonymous.clone().ok_or(AuthError::NoCredentials)
     }
 }

@@ -87,7 +87,7 @@ pub fn identity_from_headers(config: &RequestHeaderConfig, headers: &HeaderMap) 
 }
 
 impl Authenticator for RequestHeaderAuthenticator {
-    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError> {
+    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<std::sync::Arc<UserInfo>>, AuthError> {
         if credentials.peer.leaf().is_none() {
             return Ok(None);
         }
@@ -98,6 +98,6 @@ impl Authenticator for RequestHeaderAuthenticator {
                 return Err(AuthError::FrontProxy(format!("subject with cn={cn} is not in the allowed list")));
             }
         }
-        Ok(identity_from_headers(&self.config, credentials.headers))
+        Ok(identity_from_headers(&self.config, credentials.headers).map(std::sync::Arc::new))
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use http::header::AUTHORIZATION;
@@ -25,7 +26,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 /// An authenticator that needs I/O (TokenReview against kube-apiserver).
 pub trait AsyncTokenAuthenticator: Send + Sync {
     /// `Ok(None)` when the token is not valid.
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>>;
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Arc<UserInfo>>, AuthError>>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +40,9 @@ pub enum TokenFileError {
 /// `--token-auth-file`.
 #[derive(Debug, Default, Clone)]
 pub struct TokenFile {
-    users: HashMap<[u8; 32], UserInfo>,
+    /// Each user as the chain hands it out (with `system:authenticated`), so a request that
+    /// presents a token gets a reference to it, not a copy.
+    users: HashMap<[u8; 32], Arc<UserInfo>>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -97,7 +100,7 @@ impl TokenFile {
                 .unwrap_or_default();
             let mut user = UserInfo::new(name, groups);
             user.uid = (!uid.is_empty()).then(|| uid.to_owned());
-            users.insert(digest(token), user);
+            users.insert(digest(token), Arc::new(user.with_authenticated_group()));
         }
         Ok(Self { users })
     }
@@ -112,7 +115,7 @@ impl TokenFile {
 }
 
 impl Authenticator for TokenFile {
-    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError> {
+    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<Arc<UserInfo>>, AuthError> {
         Ok(bearer_token(credentials.headers).and_then(|t| self.users.get(&digest(t)).cloned()))
     }
 }
@@ -131,7 +134,7 @@ mod tests {
         let creds = Credentials { peer: &crate::auth::x509::PeerChain::default(), headers: &h };
         let alice = file.authenticate(creds).unwrap().unwrap();
         assert_eq!((alice.name.as_str(), alice.uid.as_deref()), ("alice", Some("1001")));
-        assert_eq!(alice.groups, ["dev", "ops"]);
+        assert_eq!(alice.groups, ["dev", "ops", "system:authenticated"]);
         h.insert(AUTHORIZATION, "Bearer nope".parse().unwrap());
         let creds = Credentials { peer: &crate::auth::x509::PeerChain::default(), headers: &h };
         assert_eq!(file.authenticate(creds).unwrap(), None);

@@ -4,6 +4,7 @@
 //! Answers, positive and negative, are cached for a bounded time keyed by the token's SHA-256,
 //! so a busy client costs one review per TTL and no token is kept in memory.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -24,7 +25,7 @@ const MAX_CACHED: usize = 10_000;
 pub struct TokenReviewAuthenticator {
     api: Api<TokenReview>,
     ttl: Duration,
-    cache: DashMap<[u8; 32], (Instant, Option<UserInfo>)>,
+    cache: DashMap<[u8; 32], (Instant, Option<Arc<UserInfo>>)>,
 }
 
 impl TokenReviewAuthenticator {
@@ -32,7 +33,7 @@ impl TokenReviewAuthenticator {
         Self { api: Api::all(client), ttl, cache: DashMap::new() }
     }
 
-    async fn review_uncached(&self, token: &str) -> Result<Option<UserInfo>, AuthError> {
+    async fn review_uncached(&self, token: &str) -> Result<Option<Arc<UserInfo>>, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: token.to_owned(), ..TokenReviewSpec::default() },
             ..TokenReview::default()
@@ -44,15 +45,17 @@ impl TokenReviewAuthenticator {
             .map_err(|e| AuthError::Token(format!("token review failed: {e}")))?;
         let Some(status) = reviewed.status.filter(|s| s.authenticated == Some(true)) else { return Ok(None) };
         let Some(user) = status.user else { return Ok(None) };
-        Ok(Some(UserInfo {
+        let user = UserInfo {
             name: user.username.unwrap_or_default(),
             uid: user.uid.filter(|u| !u.is_empty()),
             groups: user.groups.unwrap_or_default(),
             extra: user.extra.unwrap_or_default().into_iter().collect(),
-        }))
+        };
+        // Kept as the chain hands it out, so a cached answer is not copied per request.
+        Ok(Some(Arc::new(user.with_authenticated_group())))
     }
 
-    fn remember(&self, key: [u8; 32], answer: Option<UserInfo>) {
+    fn remember(&self, key: [u8; 32], answer: Option<Arc<UserInfo>>) {
         if self.cache.len() >= MAX_CACHED {
             let now = Instant::now();
             self.cache.retain(|_, (expires, _)| *expires > now);
@@ -65,7 +68,7 @@ impl TokenReviewAuthenticator {
 }
 
 impl AsyncTokenAuthenticator for TokenReviewAuthenticator {
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>> {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Arc<UserInfo>>, AuthError>> {
         Box::pin(async move {
             let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             if let Some(entry) = self.cache.get(&key) {

@@ -70,6 +70,8 @@ impl ChainVerifier {
 pub struct PeerChain {
     certs: Vec<CertificateDer<'static>>,
     subject: OnceLock<Result<Subject, String>>,
+    /// The user the certificate names, made once and shared by the connection's requests.
+    user: OnceLock<Result<Arc<UserInfo>, String>>,
     /// The latest `notBefore` and the earliest `notAfter` of the chain.
     validity: OnceLock<Option<(SystemTime, SystemTime)>>,
     /// The ids of the bundles the chain verified against (at most [`MAX_VERIFIED_BUNDLES`]).
@@ -93,6 +95,20 @@ impl PeerChain {
     pub fn subject(&self) -> Result<&Subject, String> {
         let leaf = self.leaf().ok_or("no certificate presented")?;
         self.subject.get_or_init(|| subject(leaf)).as_ref().map_err(Clone::clone)
+    }
+
+    /// The user a client certificate names: CN as the name, O as the groups, with
+    /// `system:authenticated` as the chain hands it out.
+    pub fn user(&self) -> Result<Arc<UserInfo>, String> {
+        let made = self.user.get_or_init(|| {
+            let subject = self.subject()?;
+            if subject.common_name.is_empty() {
+                return Err("certificate has no common name".into());
+            }
+            let user = UserInfo::new(subject.common_name.clone(), subject.organizations.clone());
+            Ok(Arc::new(user.with_authenticated_group()))
+        });
+        made.clone()
     }
 
     /// Verifies the chain against `verifier`'s bundle, or trusts an earlier verification
@@ -160,16 +176,12 @@ impl ClientCertAuthenticator {
 }
 
 impl Authenticator for ClientCertAuthenticator {
-    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<UserInfo>, AuthError> {
+    fn authenticate(&self, credentials: Credentials<'_>) -> Result<Option<Arc<UserInfo>>, AuthError> {
         if credentials.peer.leaf().is_none() {
             return Ok(None);
         }
         credentials.peer.verify(&self.verifier).map_err(AuthError::ClientCertificate)?;
-        let subject = credentials.peer.subject().map_err(AuthError::ClientCertificate)?;
-        if subject.common_name.is_empty() {
-            return Err(AuthError::ClientCertificate("certificate has no common name".into()));
-        }
-        Ok(Some(UserInfo::new(subject.common_name.clone(), subject.organizations.clone())))
+        credentials.peer.user().map(Some).map_err(AuthError::ClientCertificate)
     }
 }
 

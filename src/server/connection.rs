@@ -311,24 +311,22 @@ pub struct BodyGuards {
 /// random moment within `--shutdown-watch-termination-grace-period`, so its client sees an
 /// orderly end of stream and relists, and a thousand clients do not relist at once.
 pub struct CloseOnDrain {
-    lifecycle: watch::Receiver<super::Lifecycle>,
+    lifecycle: super::signal::Signal<super::Lifecycle>,
     grace: Duration,
     /// Made when the body first waits, so a response that never waits costs nothing.
     closing: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl CloseOnDrain {
-    pub fn new(lifecycle: watch::Receiver<super::Lifecycle>, grace: Duration) -> Self {
+    pub fn new(lifecycle: super::signal::Signal<super::Lifecycle>, grace: Duration) -> Self {
         Self { lifecycle, grace, closing: None }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let closing = self.closing.get_or_insert_with(|| {
-            let (mut lifecycle, grace) = (self.lifecycle.clone(), self.grace);
+            let (lifecycle, grace) = (self.lifecycle.clone(), self.grace);
             Box::pin(async move {
-                if lifecycle.wait_for(|l| *l == super::Lifecycle::Draining).await.is_err() {
-                    return std::future::pending().await;
-                }
+                lifecycle.wait_for(|l| l == super::Lifecycle::Draining).await;
                 tokio::time::sleep(grace.mul_f64(rand::random::<f64>())).await;
             })
         });

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use tokio::sync::watch;
 
 use crate::discovery;
 use crate::metrics::Metrics;
@@ -34,7 +33,7 @@ pub type SharedRejections = Arc<ArcSwap<Vec<Rejection>>>;
 pub struct EndpointState {
     pub table: SharedTable,
     pub metrics: Arc<Metrics>,
-    pub ready: watch::Receiver<bool>,
+    pub ready: super::signal::Signal<bool>,
     pub rejections: SharedRejections,
     /// Aggregated discovery and OpenAPI, published by the background fetcher.
     pub discovery: discovery::DiscoveryDocuments,
@@ -47,7 +46,7 @@ pub struct EndpointState {
     /// The last credential reload, and why the newest files are not in use, if they are not.
     pub credentials: super::credentials::SharedReloadStatus,
     /// Graceful termination: `/readyz` fails as soon as it begins.
-    pub lifecycle: watch::Receiver<super::Lifecycle>,
+    pub lifecycle: super::signal::Signal<super::Lifecycle>,
 }
 
 /// Paths answered before authentication (probes).
@@ -120,12 +119,9 @@ fn health(
 }
 
 async fn readyz(State(state): State<EndpointState>, uri: Uri) -> Response {
-    let table = if *state.ready.borrow() { Ok(()) } else { Err("routing table and discovery not built yet") };
-    let serving = if *state.lifecycle.borrow() == super::Lifecycle::Serving {
-        Ok(())
-    } else {
-        Err("the server is shutting down")
-    };
+    let table = if state.ready.get() { Ok(()) } else { Err("routing table and discovery not built yet") };
+    let serving =
+        if state.lifecycle.get() == super::Lifecycle::Serving { Ok(()) } else { Err("the server is shutting down") };
     // Each APIService's availability, for people reading the probe: one dead extension server
     // must not take every replica out of rotation, so these never fail readiness.
     let informational = || {

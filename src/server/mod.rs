@@ -18,6 +18,7 @@ pub mod limits;
 pub mod listener;
 pub mod pipeline;
 pub mod request_info;
+pub mod signal;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,6 +91,20 @@ pub enum Lifecycle {
     ShuttingDown,
     /// No new connections; open ones finish what is in flight and close.
     Draining,
+}
+
+impl signal::SignalValue for Lifecycle {
+    fn to_byte(self) -> u8 {
+        self as u8
+    }
+
+    fn from_byte(byte: u8) -> Self {
+        match byte {
+            0 => Self::Serving,
+            1 => Self::ShuttingDown,
+            _ => Self::Draining,
+        }
+    }
 }
 
 impl Default for FrontendSettings {
@@ -180,7 +195,7 @@ pub async fn serve<H: RequestHandler>(
     listeners: Listeners,
     handler: Arc<H>,
     settings: FrontendSettings,
-    lifecycle: watch::Sender<Lifecycle>,
+    lifecycle: signal::Signal<Lifecycle>,
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = ConnectionLimits::new(
@@ -237,12 +252,12 @@ pub async fn serve<H: RequestHandler>(
         }
     }
     shutdown.await;
-    lifecycle.send_replace(Lifecycle::ShuttingDown);
+    lifecycle.set(Lifecycle::ShuttingDown);
     tracing::info!(delay = ?delay, "shutting down: /readyz fails now, requests are served until the delay ends");
     tokio::time::sleep(delay).await;
     stop_tx.send_replace(true);
     while loops.join_next().await.is_some() {}
-    lifecycle.send_replace(Lifecycle::Draining);
+    lifecycle.set(Lifecycle::Draining);
     state_tx.send_replace(ServerState::Draining);
     // Watches end within their grace period; everything else within SHUTDOWN_GRACE.
     let limits = &acceptor.limits;

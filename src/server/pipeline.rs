@@ -68,7 +68,8 @@ pub struct Gateway {
     pub forward: ForwardSettings,
     pub delegate: Option<DelegateTarget>,
     pub metrics: Arc<Metrics>,
-    pub ready: tokio::sync::watch::Receiver<bool>,
+    /// Whether the first routing table and discovery are in.
+    pub ready: super::signal::Signal<bool>,
     pub endpoints: axum::Router,
     /// Impersonation and, in cluster mode, kube-apiserver's authorization of the proxy's own
     /// endpoints and of requests to extension servers.
@@ -81,7 +82,7 @@ pub struct Gateway {
     pub documents: crate::discovery::DiscoveryDocuments,
     /// Graceful termination: where the server is, `--shutdown-send-retry-after` and
     /// `--shutdown-watch-termination-grace-period`.
-    pub lifecycle: tokio::sync::watch::Receiver<super::Lifecycle>,
+    pub lifecycle: super::signal::Signal<super::Lifecycle>,
     pub send_retry_after: bool,
     pub watch_grace: std::time::Duration,
     /// `--audit-policy-file` and `--audit-log-*`, when audit is on.
@@ -178,7 +179,7 @@ impl Gateway {
         let table = self.table.load_full();
         let mut deadline = None;
         let mut long_running = false;
-        let draining = self.send_retry_after && *self.lifecycle.borrow() == super::Lifecycle::Draining;
+        let draining = self.send_retry_after && self.lifecycle.get() == super::Lifecycle::Draining;
 
         let mut response = if endpoints::is_probe(request.uri().path()) {
             Box::pin(self.own(request)).await
@@ -289,7 +290,7 @@ impl Gateway {
                     if let Some(audit) = outcome.audit.as_mut() {
                         audit.impersonated(&impersonated);
                     }
-                    impersonated
+                    Arc::new(impersonated)
                 }
                 Err(e) => return RequestError::from(e).into_response(),
             },
@@ -312,7 +313,7 @@ impl Gateway {
         &self,
         conn: &ConnectionInfo,
         request: &mut Request<Body>,
-    ) -> Result<(UserInfo, Option<Impersonation>), RequestError> {
+    ) -> Result<(Arc<UserInfo>, Option<Impersonation>), RequestError> {
         let front = self.front.load_full();
         let credentials = Credentials { peer: &conn.peer, headers: request.headers() };
         let result = front.auth.authenticate(credentials).await;
@@ -333,7 +334,7 @@ impl Gateway {
         request: Request<Body>,
     ) -> Response<Body> {
         let send = ctx.send;
-        if !*self.ready.borrow() {
+        if !self.ready.get() {
             return RequestError::NotReady.into_response();
         }
         let has_v3_document = |path: &str| self.documents.openapi_v3().document(path).is_some();

@@ -139,7 +139,7 @@ impl Handler {
         // 2. Only a proxy holding a requestheader client certificate may assert a user.
         let credentials = Credentials { peer, headers: request.headers() };
         let user = match self.authenticator.authenticate(credentials) {
-            Ok(Some(user)) => user.with_authenticated_group(),
+            Ok(Some(user)) => crate::auth::identity::with_authenticated_group(user),
             Ok(None) => {
                 tracing::debug!(path = request.uri().path(), "no front-proxy certificate or no username header");
                 return unauthorized();

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::auth::requestheader::{RequestHeaderAuthenticator, RequestHeaderConfig};
 use crate::metrics::Metrics;
 use crate::server::connection::{ActivityGuard, BodyGuards, GuardedBody};
+use crate::server::signal::Signal;
 use crate::server::{self, ConnectionInfo, FrontendSettings, Lifecycle, RequestHandler};
 use crate::tls::{self, CertifiedKey, TlsError};
 use handler::Handler;
@@ -145,12 +146,12 @@ impl SampleServer {
         let Self { listener, local_addr, service, sampler, stop } = self;
         // Aborted on drop, so the sampler stops even when this future is dropped mid-serve.
         let _sampling = AbortOnDrop(tokio::spawn(sampler.run(node_metrics::DEFAULT_SAMPLE_INTERVAL)));
-        let (lifecycle, mut draining) = watch::channel(Lifecycle::Serving);
+        let lifecycle = Signal::new(Lifecycle::Serving);
         // Watches end as soon as the front end starts draining.
+        let draining = lifecycle.clone();
         let _end_watches = AbortOnDrop(tokio::spawn(async move {
-            if draining.wait_for(|l| *l == Lifecycle::Draining).await.is_ok() {
-                stop.send_replace(true);
-            }
+            draining.wait_for(|l| l == Lifecycle::Draining).await;
+            stop.send_replace(true);
         }));
         tracing::info!(address = %local_addr, node = service.handler.node_name(), "sample-apiserver serving");
         server::serve(server::Listeners::Shared(listener), service, FrontendSettings::default(), lifecycle, shutdown)
