@@ -65,6 +65,9 @@ enum Command {
         /// With --cluster: the proxy's --runtime (work-stealing or per-core).
         #[arg(long, value_enum, default_value_t = kube_aggregation_proxy::runtime::RuntimeModel::WorkStealing, requires = "cluster")]
         runtime: kube_aggregation_proxy::runtime::RuntimeModel,
+        /// With --cluster: the proxy's --backend-protocol (h2 or http1), the delegate's too.
+        #[arg(long, value_enum, default_value_t = kube_aggregation_proxy::backend::BackendProtocol::H2, requires = "cluster")]
+        backend_protocol: kube_aggregation_proxy::backend::BackendProtocol,
     },
     /// Send the same requests through two kubeconfigs (say kube-apiserver's own aggregator and
     /// this proxy) and print status codes, Status reasons, content types and discovery
@@ -102,14 +105,10 @@ fn init_tracing() {
 /// `demo`: the sample extension server and the proxy, or (`--cluster`) a real control plane
 /// with the proxy in front; either runs until Ctrl-C.
 #[cfg(feature = "testbed")]
-async fn run_demo(
-    dir: &std::path::Path,
-    port: u16,
-    cluster: bool,
-    runtime: kube_aggregation_proxy::runtime::RuntimeModel,
-) -> ExitCode {
+async fn run_demo(dir: &std::path::Path, port: u16, cluster: bool, proxy: ProxyFlags) -> ExitCode {
     let started = if cluster {
-        let started = demo::cluster::ClusterDemo::start(dir, runtime).await;
+        let options = demo::cluster::ProxyOptions { runtime: proxy.0, backend_protocol: proxy.1 };
+        let started = demo::cluster::ClusterDemo::start(dir, options).await;
         started.map(|d| (d.instructions(), Box::pin(d.shutdown()) as Shutdown)).map_err(|e| e.to_string())
     } else {
         let started = demo::Demo::start(dir, port).await;
@@ -128,11 +127,14 @@ async fn run_demo(
     ExitCode::SUCCESS
 }
 
+/// `demo --cluster`'s `--runtime` and `--backend-protocol`.
+type ProxyFlags = (kube_aggregation_proxy::runtime::RuntimeModel, kube_aggregation_proxy::backend::BackendProtocol);
+
 #[cfg(feature = "testbed")]
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 #[cfg(not(feature = "testbed"))]
-async fn run_demo(_: &std::path::Path, _: u16, _: bool, _: kube_aggregation_proxy::runtime::RuntimeModel) -> ExitCode {
+async fn run_demo(_: &std::path::Path, _: u16, _: bool, _: ProxyFlags) -> ExitCode {
     eprintln!("demo: this binary was built without the `testbed` feature");
     ExitCode::FAILURE
 }
@@ -208,7 +210,7 @@ async fn main() -> ExitCode {
             let code = compare::command(left, right, requests, requests_file, !no_builtin).await;
             ExitCode::from(u8::try_from(code).unwrap_or(2))
         }
-        Command::Demo { dir, port, cluster, runtime } => {
+        Command::Demo { dir, port, cluster, runtime, backend_protocol } => {
             let dir = match dir {
                 Some(d) => d,
                 None => match tempfile::Builder::new().prefix("kube-aggregation-proxy-demo-").tempdir() {
@@ -219,7 +221,7 @@ async fn main() -> ExitCode {
                     }
                 },
             };
-            run_demo(&dir, port, cluster, runtime).await
+            run_demo(&dir, port, cluster, (runtime, backend_protocol)).await
         }
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::app::{self, RunningApp};
+use crate::backend::BackendProtocol;
 use crate::config::{Settings, SourceKind};
 use crate::pki::CertificateAuthority;
 use crate::runtime::RuntimeModel;
@@ -28,6 +29,16 @@ const BUILD_PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
 const APISERVICE_AVAILABLE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The running demo: dropping it stops the cluster's processes.
+/// The proxy's own flags that `demo --cluster` passes on, to measure them on a real control
+/// plane (`benches/load.sh` with `DEMO_ARGS`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProxyOptions {
+    /// `--runtime`
+    pub runtime: RuntimeModel,
+    /// `--backend-protocol`, for extension servers and kube-apiserver alike.
+    pub backend_protocol: BackendProtocol,
+}
+
 pub struct ClusterDemo {
     pub dir: PathBuf,
     pub proxy: RunningApp,
@@ -46,8 +57,7 @@ fn step(n: usize, of: usize, what: &str) {
 impl ClusterDemo {
     /// Builds what is missing, starts the control plane, the extension servers and the
     /// proxy, and writes the kubeconfigs. Blocking parts run off the async runtime.
-    /// `runtime` is the proxy's `--runtime`.
-    pub async fn start(dir: &Path, runtime: RuntimeModel) -> Result<Self, ClusterDemoError> {
+    pub async fn start(dir: &Path, options: ProxyOptions) -> Result<Self, ClusterDemoError> {
         const STEPS: usize = 5;
         let err = |e: String| ClusterDemoError(e);
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
@@ -99,7 +109,8 @@ impl ClusterDemo {
             tls_private_key_file: Some(pki_dir.join("proxy-serving.key")),
             proxy_client_cert_file: Some(front_proxy.cert_path.clone()),
             proxy_client_key_file: Some(front_proxy.key_path.clone()),
-            runtime: Some(runtime),
+            runtime: Some(options.runtime),
+            backend_protocol: Some(options.backend_protocol),
             ..Settings::default()
         };
         let config = settings.validate().map_err(|e| err(e.to_string()))?;
