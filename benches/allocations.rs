@@ -12,15 +12,13 @@
 //! With `DHAT_FILE=path` the run also writes dhat's heap profile (allocation sites with their
 //! stacks; view it with dhat's viewer or read the JSON) to find where the allocations are.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::HttpsClient;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use kube_aggregation_proxy::demo::Demo;
-use kube_aggregation_proxy::tls;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -28,27 +26,6 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 const WARMUP: usize = 500;
 const REQUESTS: usize = 5_000;
 const PATH: &str = "/apis/echo.example.com/v1/x";
-
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
-fn client(ca_pem: &str, identity: Option<(&Path, &Path)>) -> HttpsClient {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in tls::parse_certs(ca_pem.as_bytes(), "demo CA").expect("demo CA") {
-        roots.add(cert).expect("demo CA certificate");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots);
-    let config = match identity {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(tls::load_certs(cert).expect("client certificate"), tls::load_key(key).expect("key"))
-            .expect("client certificate"),
-        None => builder.with_no_client_auth(),
-    };
-    let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only().enable_http2().build();
-    Client::builder(TokioExecutor::new()).http2_only(true).build(https)
-}
 
 /// Sends `n` requests one after the other; panics on any answer but 200.
 async fn run(client: &HttpsClient, url: &str, headers: &[(&str, &str)], n: usize) {
@@ -72,10 +49,7 @@ async fn counted<F: std::future::Future<Output = ()>>(f: F) -> (u64, u64) {
 }
 
 fn main() {
-    let _profiler = match std::env::var_os("DHAT_FILE") {
-        Some(file) => dhat::Profiler::builder().file_name(file).build(),
-        None => dhat::Profiler::builder().testing().build(),
-    };
+    let _profiler = common::dhat_profiler();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -83,8 +57,8 @@ fn main() {
         let pki = dir.path().join("pki");
         let ca = std::fs::read_to_string(pki.join("serving-ca.crt")).expect("serving CA");
         let (cert, key) = (pki.join("proxy-client.crt"), pki.join("proxy-client.key"));
-        let proxied = client(&ca, None);
-        let direct = client(&ca, Some((&cert, &key)));
+        let proxied = common::https_client(&ca, None, true);
+        let direct = common::https_client(&ca, Some((&cert, &key)), true);
         let proxy_url = format!("https://localhost:{}{PATH}", demo.proxy.local_addr().port());
         let direct_url = format!("https://localhost:{}{PATH}", demo.sample_addr.port());
         let bearer = format!("Bearer {}", demo.token);

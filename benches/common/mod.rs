@@ -26,3 +26,44 @@ pub fn backend_service() -> ServiceReference {
         insecure_skip_tls_verify: true,
     }
 }
+
+/// dhat's profiler for the counting benches: with `DHAT_FILE=path` it writes the heap
+/// profile there when dropped, otherwise it only counts.
+pub fn dhat_profiler() -> dhat::Profiler {
+    match std::env::var_os("DHAT_FILE") {
+        Some(file) => dhat::Profiler::builder().file_name(file).build(),
+        None => dhat::Profiler::builder().testing().build(),
+    }
+}
+
+pub type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// An HTTPS client trusting `ca_pem`, with a client certificate when `identity` is given;
+/// HTTP/2 only when `http2`, else HTTP/1.1.
+pub fn https_client(ca_pem: &str, identity: Option<(&std::path::Path, &std::path::Path)>, http2: bool) -> HttpsClient {
+    use kube_aggregation_proxy::tls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in tls::parse_certs(ca_pem.as_bytes(), "bench CA").expect("bench CA") {
+        roots.add(cert).expect("bench CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(tls::load_certs(cert).expect("client certificate"), tls::load_key(key).expect("key"))
+            .expect("client certificate"),
+        None => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+    let executor = hyper_util::rt::TokioExecutor::new();
+    if http2 {
+        hyper_util::client::legacy::Client::builder(executor).http2_only(true).build(https.enable_http2().build())
+    } else {
+        hyper_util::client::legacy::Client::builder(executor).build(https.enable_http1().build())
+    }
+}

@@ -255,7 +255,11 @@ impl FileSource {
             Ok(objects) => {
                 tracing::info!(file = %path.display(), apiservices = objects.len(), "loaded manifest");
                 let ca_bundles = &mut self.ca_bundles;
-                state.objects = objects.into_iter().map(|a| Arc::new(share_ca_bundle(a, ca_bundles))).collect();
+                // A fresh vector, not one collected in place: that would keep the parsed
+                // objects' buffer (about 200 bytes each, 2 MiB at 10,000) to hold pointers.
+                let mut shared = Vec::with_capacity(objects.len());
+                shared.extend(objects.into_iter().map(|a| Arc::new(share_ca_bundle(a, ca_bundles))));
+                state.objects = shared;
                 state.error = None;
                 true
             }
