@@ -6,7 +6,7 @@
 #   nginx       h2load -> nginx (plain TLS reverse proxy) -> backend
 #   haproxy     h2load -> HAProxy (TLS both legs, backend verified, h2 to it) -> backend
 #   proxy-alt   the proxy again, with PROXY_ALT_SETTINGS (YAML lines added to its config, e.g.
-#               "runtime: per-core") and/or another build, PROXY_ALT_BIN: two configurations
+#               "runtime: work-stealing") and/or another build, PROXY_ALT_BIN: two configurations
 #               or two builds (before and after) measured interleaved in one run
 #
 # and, on the testbed (src/testbed, started with `kube-aggregation-proxy demo --cluster`: etcd,

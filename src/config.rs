@@ -243,9 +243,9 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_client: Option<usize>,
-    /// How requests are scheduled: work-stealing (one multi-threaded runtime) or per-core
-    /// (a single-threaded runtime per core, each with its own SO_REUSEPORT listener and
-    /// backend connections) [default: work-stealing].
+    /// How requests are scheduled: per-core (a single-threaded runtime per core, each with
+    /// its own SO_REUSEPORT listener and backend connections) or work-stealing (one
+    /// multi-threaded runtime) [default: per-core].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<crate::runtime::RuntimeModel>,

@@ -65,7 +65,7 @@ enum Command {
         #[arg(long)]
         cluster: bool,
         /// With --cluster: the proxy's --runtime (work-stealing or per-core).
-        #[arg(long, value_enum, default_value_t = kube_aggregation_proxy::runtime::RuntimeModel::WorkStealing, requires = "cluster")]
+        #[arg(long, value_enum, default_value_t = kube_aggregation_proxy::runtime::RuntimeModel::default(), requires = "cluster")]
         runtime: kube_aggregation_proxy::runtime::RuntimeModel,
         /// With --cluster: the proxy's --backend-protocol (h2 or http1), the delegate's too.
         #[arg(long, value_enum, default_value_t = kube_aggregation_proxy::backend::BackendProtocol::H2, requires = "cluster")]

@@ -1,5 +1,5 @@
-//! Where requests are handled: tokio's work-stealing runtime (the default), or one
-//! single-threaded runtime per core (`--runtime per-core`).
+//! Where requests are handled: one single-threaded runtime per core (the default), or tokio's
+//! work-stealing runtime (`--runtime work-stealing`).
 //!
 //! Per core, each thread has its own `SO_REUSEPORT` listener (the kernel spreads new
 //! connections over them) and runs every connection it accepts to the end, so a request is
@@ -7,6 +7,9 @@
 //! connection pools are kept per runtime ([`slot`]): a request's backend stream is driven by a
 //! connection task on its own thread too. Background work (sources, discovery, availability)
 //! stays on the main runtime, which is slot 0.
+//!
+//! Per core is the default because it measured better at every point of the load benchmark,
+//! one busy HTTP/2 connection included (benches/RESULTS.md, "Per core by default").
 
 use std::cell::Cell;
 use std::future::Future;
@@ -20,9 +23,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub enum RuntimeModel {
     /// One multi-threaded runtime; any worker may run any connection's tasks.
-    #[default]
     WorkStealing,
     /// One single-threaded runtime per core, each with its own listener and backend pools.
+    #[default]
     PerCore,
 }
 

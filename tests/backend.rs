@@ -338,12 +338,18 @@ async fn past_max_pending_requests_new_ones_fail_fast_with_503() {
     let env = proxy_for(&[backend.addr], |s| {
         s.backend_max_connections_per_endpoint = Some(1);
         s.backend_max_pending_requests = Some(2);
+        // The limits are per pool, and per core each runtime has a pool of its own: the
+        // probe's connection could land on another runtime than the hung requests'.
+        s.runtime = Some(kube_aggregation_proxy::runtime::RuntimeModel::WorkStealing);
         // Long enough that the hung requests hold their places however slow the machine is;
         // the test ends them itself.
         s.request_timeout = Some("120s".into());
     })
     .await;
     let client = env.client().client_cert(&env.pki.admin).timeout(Duration::from_secs(120)).build();
+    // Available first. The availability probe goes through the same one-stream connection,
+    // and one queued behind the hung requests would find no place and fail the APIService.
+    eventually_status(Duration::from_secs(10), &client, &url(&env, "things/x"), StatusCode::OK).await;
     // One connection of one stream, held by a hung request; two more may wait.
     let held: Vec<_> = (0..3)
         .map(|_| {

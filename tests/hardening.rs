@@ -222,7 +222,13 @@ async fn connections_past_the_caps_are_refused_and_established_ones_keep_working
     })
     .await;
     let metrics = canary.get(&env.url("/metrics")).await.unwrap().text();
-    assert!(metrics.contains("aggregator_proxy_connections_refused_total{reason=\"max-connections\"} 1"), "{metrics}");
+    // At least one: an attempt of the wait above may come before the freed place is given
+    // back (per core, on the runtime that served the closed connection) and be refused too.
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("aggregator_proxy_connections_refused_total{reason=\"max-connections\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1.0), "{metrics}");
     assert!(
         metrics.contains("aggregator_proxy_connections_refused_total{reason=\"max-connections-per-client\"} 1"),
         "{metrics}"

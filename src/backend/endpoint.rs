@@ -554,6 +554,15 @@ impl Endpoint {
                 .await
                 .map_err(connect_error)?;
             self.watch(connection, closed.clone(), room.clone());
+            // The backend's SETTINGS come after the handshake: the first request waits for
+            // them, so its headers are checked against the backend's limit like any other's.
+            let preface = tokio::time::timeout(settings.connect_timeout, peer.preface_read()).await;
+            if preface.is_err() || closed.load(Ordering::Acquire) {
+                return Err(BackendError::Connect(format!(
+                    "no HTTP/2 SETTINGS from the backend within {}",
+                    humantime::format_duration(settings.connect_timeout)
+                )));
+            }
             (Sender::Http2(sender), peer)
         } else {
             self.http1.store(true, Ordering::Relaxed);

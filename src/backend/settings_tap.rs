@@ -7,6 +7,10 @@
 //! connection down, every other client's streams with it). The server's connection preface
 //! is a SETTINGS frame (RFC 9113 section 3.4), so a wrapper that parses the first frame read
 //! learns both without touching hyper's framing; every byte passes through unchanged.
+//!
+//! hyper's handshake returns once the client's preface is written, before the server's has
+//! arrived, so a new connection waits for [`PeerSettings::preface_read`]: its first request is
+//! then held to the backend's limits like every later one.
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +20,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::server::signal::Signal;
+
 const FRAME_HEADER_LEN: usize = 9;
 const FRAME_TYPE_SETTINGS: u8 = 0x4;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
@@ -24,19 +30,30 @@ const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
 const MAX_PREFACE_LEN: usize = FRAME_HEADER_LEN + 16_384;
 
 /// What the peer advertised; `u32::MAX` / 0 until (and unless) it says.
-#[derive(Debug)]
 pub struct PeerSettings {
     max_concurrent_streams: AtomicU32,
     max_header_list_size: AtomicU32,
+    /// Set once the peer's first frame has been read, or the stream ended before it was.
+    preface_read: Signal<bool>,
 }
 
 impl Default for PeerSettings {
     fn default() -> Self {
-        Self { max_concurrent_streams: AtomicU32::new(u32::MAX), max_header_list_size: AtomicU32::new(0) }
+        Self {
+            max_concurrent_streams: AtomicU32::new(u32::MAX),
+            max_header_list_size: AtomicU32::new(0),
+            preface_read: Signal::new(false),
+        }
     }
 }
 
 impl PeerSettings {
+    /// Resolves once the peer's first frame has been read (its limits are known from then
+    /// on), or the stream ended or failed before it.
+    pub async fn preface_read(&self) {
+        self.preface_read.wait_for(|read| read).await;
+    }
+
     /// The peer's stream limit, if it has advertised one.
     pub fn max_concurrent_streams(&self) -> Option<u32> {
         Some(self.max_concurrent_streams.load(Ordering::Relaxed)).filter(|&n| n != u32::MAX)
@@ -85,13 +102,19 @@ impl<T> SettingsTap<T> {
         }
         let length = usize::from(preface[0]) << 16 | usize::from(preface[1]) << 8 | usize::from(preface[2]);
         if preface[3] != FRAME_TYPE_SETTINGS || FRAME_HEADER_LEN + length > MAX_PREFACE_LEN {
-            self.preface = None;
+            self.done();
             return;
         }
         if preface.len() >= FRAME_HEADER_LEN + length {
             self.settings.apply(&preface[FRAME_HEADER_LEN..FRAME_HEADER_LEN + length]);
-            self.preface = None;
+            self.done();
         }
+    }
+
+    /// The first frame is read (or will never be): stop looking, and wake the waiter.
+    fn done(&mut self) {
+        self.preface = None;
+        self.settings.preface_read.set(true);
     }
 }
 
@@ -99,9 +122,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for SettingsTap<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.preface.is_some() && buf.filled().len() > before {
-            let read = buf.filled()[before..].to_vec();
-            self.observe(&read);
+        if self.preface.is_some() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    let read = buf.filled()[before..].to_vec();
+                    self.observe(&read);
+                }
+                // End of stream or an error before the first frame was whole.
+                Poll::Ready(_) => self.done(),
+                Poll::Pending => {}
+            }
         }
         polled
     }

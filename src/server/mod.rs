@@ -121,7 +121,7 @@ impl Default for FrontendSettings {
             shutdown_delay: Duration::ZERO,
             shutdown_send_retry_after: false,
             shutdown_watch_termination_grace_period: Duration::ZERO,
-            runtime: crate::runtime::RuntimeModel::WorkStealing,
+            runtime: crate::runtime::RuntimeModel::default(),
         }
     }
 }

@@ -190,3 +190,13 @@ impl Standalone {
         self.client().client_cert(&self.pki.admin).build()
     }
 }
+
+/// The proxy's open backend connections, summed over endpoints, from its own `/metrics`.
+pub async fn backend_connections(env: &Standalone) -> usize {
+    let metrics = env.admin().get(&env.url("/metrics")).await.unwrap().text();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("aggregator_backend_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
