@@ -205,4 +205,33 @@ mod tests {
         other.observe(&[0, 0, 6, 0x0, 0, 0, 0, 0, 1, 0, 3, 0, 0, 0, 1]);
         assert_eq!(other.settings().max_concurrent_streams(), None);
     }
+
+    /// A new connection's wait: pending until the first frame is whole, then done; and done
+    /// when the stream ends before it, so a dead connection never holds its dialler.
+    #[tokio::test]
+    async fn preface_read_resolves_once_the_first_frame_is_read_or_the_stream_ends() {
+        use futures_util::FutureExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+        let (mut server, client) = tokio::io::duplex(1024);
+        let mut tap = SettingsTap::new(client);
+        let settings = tap.settings();
+        let frame = settings_frame(&[(SETTINGS_MAX_HEADER_LIST_SIZE, 8_192)]);
+        server.write_all(&frame[..5]).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(tap.read(&mut buf).await.unwrap(), 5);
+        assert!(settings.preface_read().now_or_never().is_none(), "half a frame is not the preface");
+        server.write_all(&frame[5..]).await.unwrap();
+        assert_eq!(tap.read(&mut buf).await.unwrap(), frame.len() - 5);
+        tokio::time::timeout(WAIT, settings.preface_read()).await.expect("the whole frame was read");
+        assert_eq!(settings.max_header_list_size(), Some(8_192));
+
+        let (server, client) = tokio::io::duplex(1024);
+        let mut tap = SettingsTap::new(client);
+        let settings = tap.settings();
+        drop(server);
+        assert_eq!(tap.read(&mut buf).await.unwrap(), 0);
+        tokio::time::timeout(WAIT, settings.preface_read()).await.expect("the stream ended");
+        assert_eq!(settings.max_header_list_size(), None);
+    }
 }
