@@ -556,12 +556,16 @@ impl Endpoint {
             self.watch(connection, closed.clone(), room.clone());
             // The backend's SETTINGS come after the handshake: the first request waits for
             // them, so its headers are checked against the backend's limit like any other's.
-            let preface = tokio::time::timeout(settings.connect_timeout, peer.preface_read()).await;
-            if preface.is_err() || closed.load(Ordering::Acquire) {
+            if tokio::time::timeout(settings.connect_timeout, peer.preface_read()).await.is_err() {
                 return Err(BackendError::Connect(format!(
                     "no HTTP/2 SETTINGS from the backend within {}",
                     humantime::format_duration(settings.connect_timeout)
                 )));
+            }
+            if closed.load(Ordering::Acquire) {
+                return Err(BackendError::Connect(
+                    "the backend closed the connection before its HTTP/2 SETTINGS".into(),
+                ));
             }
             (Sender::Http2(sender), peer)
         } else {
