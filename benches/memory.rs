@@ -75,11 +75,11 @@ fn write_manifests(dir: &Path, staging: &Path, scale: usize, ca_pem: &str) {
     }
 }
 
-/// Polls `loaded` every 50 ms until it holds; panics after [`LOAD_DEADLINE`].
-async fn until_loaded<F: std::future::Future<Output = bool>>(what: &str, mut loaded: impl FnMut() -> F) -> Duration {
+/// Polls `ready` every 50 ms until it holds; panics after [`LOAD_DEADLINE`].
+async fn until_loaded<F: std::future::Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) -> Duration {
     let started = Instant::now();
-    while !loaded().await {
-        assert!(started.elapsed() < LOAD_DEADLINE, "{what} not routed within {LOAD_DEADLINE:?}");
+    while !ready().await {
+        assert!(started.elapsed() < LOAD_DEADLINE, "{what} not ready within {LOAD_DEADLINE:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     started.elapsed()
