@@ -325,27 +325,9 @@ fn retry_copy(request: &Request<Body>, opts: &SendOptions) -> Option<Request<Bod
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
-    *copy.headers_mut() = copy_headers(request.headers());
+    // A clone shares each value's bytes (a reference count each) and copies the map's
+    // tables as they are. Building a new map instead would hash every name and validate
+    // every value again: 4.6% of the proxy's CPU on HTTP/2 at c=64 (benches/RESULTS.md).
+    *copy.headers_mut() = request.headers().clone();
     Some(copy)
-}
-
-/// A copy of `headers` whose values share one buffer: cloning each value would cost an
-/// allocation per value (a value made from owned bytes becomes shared on its first clone).
-fn copy_headers(headers: &http::HeaderMap) -> http::HeaderMap {
-    let mut buffer = bytes::BytesMut::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
-    for (_, value) in headers {
-        buffer.extend_from_slice(value.as_bytes());
-    }
-    let buffer = buffer.freeze();
-    let mut copy = http::HeaderMap::with_capacity(headers.len());
-    let mut at = 0;
-    for (name, value) in headers {
-        let end = at + value.len();
-        // The bytes are those of a valid value; were they not, the value itself is cloned.
-        let mut shared = http::HeaderValue::from_maybe_shared(buffer.slice(at..end)).unwrap_or_else(|_| value.clone());
-        shared.set_sensitive(value.is_sensitive());
-        copy.append(name.clone(), shared);
-        at = end;
-    }
-    copy
 }
