@@ -56,6 +56,15 @@ fn has_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
     headers.keys().any(|name| names.contains(name))
 }
 
+/// Removes `names` from `headers`, after one pass that finds whether any is there.
+fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if has_any(headers, names) {
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Forwarding policy.
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
@@ -120,9 +129,10 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in listed.iter().chain(&HOP_BY_HOP) {
+    for name in &listed {
         headers.remove(name);
     }
+    remove_all(headers, &HOP_BY_HOP);
 }
 
 /// Builds the backend request: same method, path and query; hop-by-hop headers and `Host`
@@ -215,11 +225,7 @@ pub async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    if has_any(&parts.headers, &CORS_RESPONSE_HEADERS) {
-        for name in &CORS_RESPONSE_HEADERS {
-            parts.headers.remove(name);
-        }
-    }
+    remove_all(&mut parts.headers, &CORS_RESPONSE_HEADERS);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
