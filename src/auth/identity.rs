@@ -115,6 +115,12 @@ fn header_value(value: &str, header: &str) -> Result<HeaderValue, IdentityHeader
     HeaderValue::from_bytes(value.as_bytes()).map_err(|_| IdentityHeaderError { header: header.to_owned() })
 }
 
+/// How many headers [`inject`] writes for `user`.
+pub fn header_count(user: &UserInfo) -> usize {
+    let uid = user.uid.as_deref().is_some_and(|u| !u.is_empty());
+    1 + usize::from(uid) + user.groups.len() + user.extra.values().map(Vec::len).sum::<usize>()
+}
+
 /// Writes the user as `X-Remote-User`, `X-Remote-Uid`, one `X-Remote-Group` per group, and
 /// `X-Remote-Extra-<escaped key>` per extra value, as client-go's `SetAuthProxyHeaders` does:
 /// names, groups and values in UTF-8 as they are, extra keys percent-escaped. A value no
@@ -213,6 +219,7 @@ mod tests {
         assert_eq!(groups, ["dev", "ops"]);
         let extra: Vec<_> = h.get_all("x-remote-extra-example.com%2Fscopes").iter().collect();
         assert_eq!(extra, ["a", "b"]);
+        assert_eq!(header_count(&user), h.len());
     }
 
     #[test]

@@ -17,15 +17,16 @@
 
 use std::collections::BTreeMap;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use super::authorization::{Attributes, ResourceAttributes};
-use super::identity::{GROUP_AUTHENTICATED, GROUP_UNAUTHENTICATED, USER_ANONYMOUS};
+use super::identity::{GROUP_AUTHENTICATED, GROUP_UNAUTHENTICATED, HEADER_IMPERSONATE_PREFIX, USER_ANONYMOUS};
 use super::UserInfo;
 
-pub const HEADER_USER: &str = "impersonate-user";
-pub const HEADER_GROUP: &str = "impersonate-group";
-pub const HEADER_UID: &str = "impersonate-uid";
+// Names made at compile time: a `&str` lookup parses and hashes the name on every request.
+pub const HEADER_USER: HeaderName = HeaderName::from_static("impersonate-user");
+pub const HEADER_GROUP: HeaderName = HeaderName::from_static("impersonate-group");
+pub const HEADER_UID: HeaderName = HeaderName::from_static("impersonate-uid");
 pub const HEADER_EXTRA_PREFIX: &str = "impersonate-extra-";
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
@@ -68,6 +69,10 @@ fn text<'a>(name: &str, value: &'a http::HeaderValue) -> Result<&'a str, Imperso
 
 /// Reads the impersonation headers. `Ok(None)`: the request impersonates nobody.
 pub fn parse(headers: &HeaderMap) -> Result<Option<Impersonation>, ImpersonationError> {
+    // Nearly every request impersonates nobody: one pass over the names decides that.
+    if !headers.keys().any(|name| name.as_str().starts_with(HEADER_IMPERSONATE_PREFIX)) {
+        return Ok(None);
+    }
     // kube reads the first Impersonate-User and Impersonate-Uid, and every Impersonate-Group.
     let user = headers.get(HEADER_USER).map(|v| text("Impersonate-User", v)).transpose()?.filter(|u| !u.is_empty());
     let uid = headers.get(HEADER_UID).map(|v| text("Impersonate-Uid", v)).transpose()?.filter(|u| !u.is_empty());

@@ -106,6 +106,10 @@ pub struct Target<'a> {
     pub delegate: bool,
 }
 
+/// The headers [`backend_request`] adds besides the identity: `X-Forwarded-For`, `-Proto`,
+/// `-Host`, `-Uri` and `Audit-ID`.
+const ADDED_HEADERS: usize = 5;
+
 /// Marks a value HPACK must not add to its dynamic table (a "never indexed" literal), for the
 /// values that change with every request (Audit-ID, X-Forwarded-Uri), as h2 already treats
 /// `:path`. Indexed, each would take a new table entry per request, evicting the values that
@@ -152,6 +156,8 @@ fn backend_request(caller: &Caller<'_>, request: Request<Body>) -> Result<Reques
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(header::HOST);
+    // Room for what is added below, so the map grows once rather than at each doubling.
+    headers.reserve(identity::header_count(caller.user) + ADDED_HEADERS);
     identity::inject(caller.user, headers)?;
     let forwarded_for = match headers.get(HEADER_X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => {
